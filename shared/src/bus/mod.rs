@@ -1,0 +1,237 @@
+//! The bus: the one seam between gateways and workers.
+//!
+//! Everything that crosses processes goes through [`Bus`]: partitioned command
+//! streams (gateway → worker), partition leases (worker ↔ worker), dedupe
+//! keys and counters, and pub/sub topics (worker → gateways). There are two
+//! implementations with the same semantics: [`redis::RedisBus`] for a cluster
+//! and [`memory::MemoryBus`] for the embedded single process. Processing code
+//! is written once against the trait (as centrifuge's `Broker` does).
+
+pub mod memory;
+pub mod redis;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::broadcast;
+use uuid::Uuid;
+
+/// Errors of the bus.
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    /// The partition holds `STREAM_MAX_LEN` unacknowledged entries.
+    #[error("the message queue is full, try again later")]
+    Full,
+    /// The backend cannot be reached.
+    #[error("the message queue is unavailable: {0}")]
+    Unavailable(String),
+    /// The backend answered something we do not understand.
+    #[error("unexpected reply from the message queue: {0}")]
+    Protocol(String),
+}
+
+pub type BusResult<T> = Result<T, BusError>;
+
+/// One entry of a command stream.
+#[derive(Debug, Clone)]
+pub struct StreamEntry {
+    /// The stream's entry id (Redis `ms-seq`), used to acknowledge it.
+    pub id: String,
+    /// The MessagePack [`crate::protocol::CommandEnvelope`].
+    pub payload: Bytes,
+    /// How many times the entry has been handed to a worker, this time included.
+    pub deliveries: u64,
+}
+
+/// Entries read from one partition, in stream order.
+#[derive(Debug, Clone)]
+pub struct PartitionBatch {
+    pub partition: u32,
+    pub entries: Vec<StreamEntry>,
+}
+
+/// A message received on a subscribed topic.
+#[derive(Debug, Clone)]
+pub struct TopicMessage {
+    pub topic: String,
+    pub payload: Bytes,
+}
+
+/// Outcome of claiming a dedupe key with `SET NX GET`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DedupeClaim {
+    /// The key was free and is now ours.
+    Claimed,
+    /// The key held this value.
+    Existing(String),
+}
+
+/// The names every backend uses under `REDIS_PREFIX`.
+#[derive(Debug, Clone)]
+pub struct Topics {
+    prefix: String,
+}
+
+impl Topics {
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+        }
+    }
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+    /// Pub/sub topic of one channel's events.
+    pub fn channel(&self, channel_id: &Uuid) -> String {
+        format!("{}:ch:{}", self.prefix, channel_id)
+    }
+    /// Pub/sub topic of one gateway node's per-socket events.
+    pub fn node(&self, node_id: &str) -> String {
+        format!("{}:node:{}", self.prefix, node_id)
+    }
+    /// Pub/sub topic of membership changes, cluster-wide.
+    pub fn membership(&self) -> String {
+        format!("{}:membership", self.prefix)
+    }
+    /// Stream key of one partition.
+    pub fn stream(&self, partition: u32) -> String {
+        format!("{}:stream:{}", self.prefix, partition)
+    }
+    /// Dead-letter stream.
+    pub fn dead_letter(&self) -> String {
+        format!("{}:dead-letter", self.prefix)
+    }
+    /// Lease key of one partition.
+    pub fn lease(&self, partition: u32) -> String {
+        format!("{}:lease:{}", self.prefix, partition)
+    }
+    /// Sorted set of live workers (score: heartbeat time).
+    pub fn workers(&self) -> String {
+        format!("{}:workers", self.prefix)
+    }
+    /// A dedupe key.
+    pub fn dedupe(&self, key: &str) -> String {
+        format!("{}:dedupe:{}", self.prefix, key)
+    }
+    /// A windowed counter.
+    pub fn counter(&self, key: &str) -> String {
+        format!("{}:count:{}", self.prefix, key)
+    }
+}
+
+/// The partition of a channel: stable for a given partition count, so one
+/// channel's writes are always processed by one worker, in order.
+pub fn partition_of(channel_id: &Uuid, partitions: u32) -> u32 {
+    // FNV-1a over the UUID bytes: cheap, stable across versions and nodes.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in channel_id.as_bytes() {
+        h ^= u32::from(*b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % partitions.max(1)
+}
+
+#[async_trait]
+pub trait Bus: Send + Sync + 'static {
+    // ---- command streams -------------------------------------------------
+
+    /// Appends an entry to a partition; fails with [`BusError::Full`] when the
+    /// partition holds `STREAM_MAX_LEN` unacknowledged entries.
+    async fn append(&self, partition: u32, payload: Bytes) -> BusResult<String>;
+
+    /// Reads new entries of the given partitions for `consumer`, waiting up
+    /// to `block` when there are none.
+    async fn read(
+        &self,
+        partitions: &[u32],
+        consumer: &str,
+        max: usize,
+        block: Duration,
+    ) -> BusResult<Vec<PartitionBatch>>;
+
+    /// Takes over every entry of a partition that was delivered but never
+    /// acknowledged (a dead or replaced consumer's work), in stream order,
+    /// counting this delivery.
+    async fn claim_pending(
+        &self,
+        partition: u32,
+        consumer: &str,
+        max: usize,
+    ) -> BusResult<Vec<StreamEntry>>;
+
+    /// Acknowledges and removes processed entries. Entries are only ever
+    /// removed here, so an unacknowledged entry is never trimmed.
+    async fn ack(&self, partition: u32, ids: &[String]) -> BusResult<()>;
+
+    /// Moves an entry to the dead-letter stream with its error, and acks it.
+    async fn dead_letter(&self, partition: u32, entry: &StreamEntry, error: &str)
+        -> BusResult<()>;
+
+    /// Unacknowledged entries of a partition (for metrics and back-pressure).
+    async fn backlog(&self, partition: u32) -> BusResult<u64>;
+
+    // ---- leases ----------------------------------------------------------
+
+    /// Takes the lease of a partition if it is free (or already ours).
+    async fn acquire_lease(&self, partition: u32, owner: &str, ttl: Duration) -> BusResult<bool>;
+    /// Extends our lease; `false` when it is no longer ours.
+    async fn renew_lease(&self, partition: u32, owner: &str, ttl: Duration) -> BusResult<bool>;
+    /// Gives the lease up if it is ours.
+    async fn release_lease(&self, partition: u32, owner: &str) -> BusResult<()>;
+    /// Records that `worker` is alive and returns how many workers are.
+    async fn heartbeat(&self, worker: &str, ttl: Duration) -> BusResult<usize>;
+    /// Removes `worker` from the live set (clean shutdown).
+    async fn leave(&self, worker: &str) -> BusResult<()>;
+
+    // ---- keys --------------------------------------------------------------
+
+    /// `SET key value NX GET PX ttl` for each pair, in one round trip.
+    async fn claim_dedupe(
+        &self,
+        claims: &[(String, String)],
+        ttl: Duration,
+    ) -> BusResult<Vec<DedupeClaim>>;
+    /// Overwrites keys (with a TTL) and deletes others, in one round trip.
+    async fn settle_dedupe(
+        &self,
+        set: &[(String, String)],
+        ttl: Duration,
+        delete: &[String],
+    ) -> BusResult<()>;
+    /// Increments a counter that expires `window` after its first increment.
+    async fn count_in_window(&self, key: &str, window: Duration) -> BusResult<u64>;
+    /// Reads such a counter without incrementing it.
+    async fn read_counter(&self, key: &str) -> BusResult<u64>;
+
+    // ---- pub/sub -----------------------------------------------------------
+
+    /// Publishes messages in order (one connection, so a subscriber sees them
+    /// in this order).
+    async fn publish(&self, messages: Vec<(String, Bytes)>) -> BusResult<()>;
+    /// Starts receiving a topic on [`Bus::incoming`]. Subscriptions survive
+    /// reconnects.
+    async fn subscribe(&self, topics: Vec<String>) -> BusResult<()>;
+    async fn unsubscribe(&self, topics: Vec<String>) -> BusResult<()>;
+    /// Messages of subscribed topics.
+    fn incoming(&self) -> broadcast::Receiver<TopicMessage>;
+
+    /// Whether the backend answers (for `/readyz`).
+    async fn ping(&self) -> BusResult<()>;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_channel_always_maps_to_the_same_partition() {
+        let id = Uuid::now_v7();
+        let p = partition_of(&id, 16);
+        assert!(p < 16);
+        for _ in 0..10 {
+            assert_eq!(partition_of(&id, 16), p);
+        }
+        assert_eq!(partition_of(&id, 1), 0);
+    }
+}

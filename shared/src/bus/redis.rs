@@ -1,0 +1,724 @@
+//! The Redis implementation of [`Bus`]: Streams with one consumer group,
+//! `SET NX GET` dedupe keys, lease keys, and pub/sub.
+//!
+//! Connections, and why there are several:
+//! - `cmd`: every short command, auto-pipelined. Publishes go here too, as
+//!   one pipeline per call, so one worker's events leave in order.
+//! - `reader`: the blocking `XREADGROUP` of a worker; a blocked connection
+//!   must not hold up anything else.
+//! - `subscriber`: the pub/sub connection, which re-subscribes to every
+//!   tracked topic after a reconnect (see [`RedisBus::connect`]).
+//!
+//! Multi-key work runs in Lua scripts so that it is one round trip and
+//! atomic. This expects a single Redis (or a primary with replicas), not a
+//! Redis Cluster.
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use fred::clients::SubscriberClient;
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use fred::types::CustomCommand;
+use tokio::sync::broadcast;
+
+use super::{
+    Bus, BusError, BusResult, DedupeClaim, PartitionBatch, StreamEntry, TopicMessage, Topics,
+};
+
+/// Consumer group of the workers on every partition stream.
+const GROUP: &str = "workers";
+
+/// Appends unless the partition already holds `ARGV[1]` entries. Entries are
+/// deleted once acknowledged, so the length is the unacknowledged backlog.
+const APPEND_LUA: &str = r#"
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+return redis.call('XADD', KEYS[1], '*', 'p', ARGV[2])
+"#;
+
+/// Acknowledges and deletes entries.
+const ACK_LUA: &str = r#"
+redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
+return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
+"#;
+
+/// Takes or extends a lease held by nobody or by us.
+const ACQUIRE_LUA: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
+if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
+return 0
+"#;
+
+/// Extends a lease only if it is still ours (an expired lease is lost).
+const RENEW_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1
+end
+return 0
+"#;
+
+const RELEASE_LUA: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
+return 1
+"#;
+
+/// Marks a worker alive, forgets the silent ones, counts the rest.
+const HEARTBEAT_LUA: &str = r#"
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZADD', KEYS[1], ms, ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms - tonumber(ARGV[2]))
+return redis.call('ZCARD', KEYS[1])
+"#;
+
+/// `SET NX GET PX` per key: returns 0 for a claimed key, else the old value.
+const CLAIM_LUA: &str = r#"
+local out = {}
+for i = 1, #KEYS do
+  local old = redis.call('SET', KEYS[i], ARGV[i + 1], 'NX', 'GET', 'PX', ARGV[1])
+  if old then out[i] = old else out[i] = 0 end
+end
+return out
+"#;
+
+/// Sets the first `ARGV[2]` keys to their values with a TTL, deletes the rest.
+const SETTLE_LUA: &str = r#"
+local n = tonumber(ARGV[2])
+for i = 1, #KEYS do
+  if i <= n then redis.call('SET', KEYS[i], ARGV[i + 2], 'PX', ARGV[1])
+  else redis.call('DEL', KEYS[i]) end
+end
+return 1
+"#;
+
+const COUNT_LUA: &str = r#"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+return n
+"#;
+
+/// Capacity of the channel between the subscriber and its readers. A reader
+/// that falls this far behind loses messages, which is counted.
+const INCOMING_CAPACITY: usize = 1 << 16;
+
+struct Scripts {
+    append: Script,
+    ack: Script,
+    acquire: Script,
+    renew: Script,
+    release: Script,
+    heartbeat: Script,
+    claim: Script,
+    settle: Script,
+    count: Script,
+}
+
+pub struct RedisBus {
+    topics: Topics,
+    max_len: u64,
+    cmd: Client,
+    reader: Client,
+    subscriber: SubscriberClient,
+    incoming: broadcast::Sender<TopicMessage>,
+    scripts: Scripts,
+    /// Options of writes a client waits on: fail at once when Redis is down.
+    fail_fast: Options,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+impl RedisBus {
+    /// Connects the three clients and starts the subscriber's forwarding and
+    /// re-subscription tasks.
+    pub async fn connect(url: &str, prefix: &str, max_len: u64) -> anyhow::Result<Self> {
+        let config = Config::from_url(url)?;
+        let mut builder = Builder::from_config(config);
+        builder
+            .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
+            .with_connection_config(|c| {
+                c.connection_timeout = Duration::from_secs(5);
+                c.internal_command_timeout = Duration::from_secs(5);
+            })
+            .with_performance_config(|p| {
+                p.broadcast_channel_capacity = INCOMING_CAPACITY;
+                p.default_command_timeout = Duration::from_secs(10);
+            });
+        let cmd = builder.build()?;
+        let reader = builder.build()?;
+        let subscriber = builder.build_subscriber_client()?;
+        cmd.init().await?;
+        reader.init().await?;
+        subscriber.init().await?;
+
+        let (incoming, _) = broadcast::channel(INCOMING_CAPACITY);
+        spawn_forwarder(&subscriber, incoming.clone());
+        spawn_resubscriber(&subscriber);
+
+        Ok(Self {
+            topics: Topics::new(prefix),
+            max_len,
+            cmd,
+            reader,
+            subscriber,
+            incoming,
+            scripts: Scripts {
+                append: Script::from_lua(APPEND_LUA),
+                ack: Script::from_lua(ACK_LUA),
+                acquire: Script::from_lua(ACQUIRE_LUA),
+                renew: Script::from_lua(RENEW_LUA),
+                release: Script::from_lua(RELEASE_LUA),
+                heartbeat: Script::from_lua(HEARTBEAT_LUA),
+                claim: Script::from_lua(CLAIM_LUA),
+                settle: Script::from_lua(SETTLE_LUA),
+                count: Script::from_lua(COUNT_LUA),
+            },
+            fail_fast: Options {
+                fail_fast: true,
+                max_attempts: Some(1),
+                timeout: Some(Duration::from_secs(3)),
+                ..Default::default()
+            },
+        })
+    }
+
+    async fn ensure_group(&self, partition: u32) -> BusResult<()> {
+        let key = self.topics.stream(partition);
+        let res: Result<Value, _> = self
+            .cmd
+            .custom(
+                CustomCommand::new_static("XGROUP", None, false),
+                vec![
+                    Value::from("CREATE"),
+                    Value::from(key),
+                    Value::from(GROUP),
+                    Value::from("0"),
+                    Value::from("MKSTREAM"),
+                ],
+            )
+            .await;
+        match res {
+            Ok(_) => Ok(()),
+            Err(e) if e.details().contains("BUSYGROUP") => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn xreadgroup(
+        &self,
+        partitions: &[u32],
+        consumer: &str,
+        max: usize,
+        block: Duration,
+    ) -> Result<Value, fred::error::Error> {
+        let mut args: Vec<Value> = vec![
+            "GROUP".into(),
+            GROUP.into(),
+            consumer.into(),
+            "COUNT".into(),
+            (max as i64).into(),
+            "BLOCK".into(),
+            (block.as_millis() as i64).into(),
+            "STREAMS".into(),
+        ];
+        for p in partitions {
+            args.push(self.topics.stream(*p).into());
+        }
+        for _ in partitions {
+            args.push(">".into());
+        }
+        self.reader
+            .custom(CustomCommand::new_static("XREADGROUP", None, true), args)
+            .await
+    }
+
+    /// Runs a script by its hash, loading it first when Redis does not know
+    /// it (after a restart). `fail_fast` commands fail at once while Redis is
+    /// unreachable instead of waiting for the reconnect.
+    async fn run<R: FromValue>(
+        &self,
+        script: &Script,
+        fail_fast: bool,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<R, fred::error::Error> {
+        let opts = if fail_fast {
+            self.fail_fast.clone()
+        } else {
+            Options::default()
+        };
+        let client = self.cmd.with_options(&opts);
+        let mut argv: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
+        argv.push(Value::from(script.sha1().clone()));
+        argv.push(Value::from(keys.len() as i64));
+        argv.extend(keys.into_iter().map(Value::from));
+        argv.extend(args);
+        let evalsha = CustomCommand::new_static("EVALSHA", None, false);
+        match client.custom(evalsha.clone(), argv.clone()).await {
+            Err(e) if e.details().contains("NOSCRIPT") => {
+                script.load(&self.cmd).await?;
+                client.custom(evalsha, argv).await
+            }
+            other => other,
+        }
+    }
+
+    fn partition_of_key(&self, key: &str) -> Option<u32> {
+        key.rsplit(':').next().and_then(|p| p.parse().ok())
+    }
+}
+
+/// Moves pub/sub messages from fred's channel to ours, so readers depend on
+/// the trait's type only.
+fn spawn_forwarder(subscriber: &SubscriberClient, out: broadcast::Sender<TopicMessage>) {
+    let mut rx = subscriber.message_rx();
+    tokio::spawn(async move {
+        loop {
+            match rx.recv().await {
+                Ok(msg) => {
+                    let payload = msg.value.into_bytes().unwrap_or_default();
+                    let _ = out.send(TopicMessage {
+                        topic: msg.channel.to_string(),
+                        payload,
+                    });
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    metrics::counter!("bus_pubsub_lagged_total").increment(n);
+                    tracing::error!(lost = n, "pub/sub forwarder lagged");
+                }
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
+        }
+    });
+}
+
+/// After every reconnect, subscribes again to every tracked topic, retrying
+/// until it succeeds. (A reconnect without this silently stops fan-out: the
+/// known failure of adapters that subscribe once at start.)
+fn spawn_resubscriber(subscriber: &SubscriberClient) {
+    let subscriber = subscriber.clone();
+    let mut reconnects = subscriber.reconnect_rx();
+    tokio::spawn(async move {
+        while reconnects.recv().await.is_ok() {
+            let mut delay = Duration::from_millis(50);
+            loop {
+                match subscriber.resubscribe_all().await {
+                    Ok(()) => {
+                        metrics::counter!("bus_resubscribes_total").increment(1);
+                        tracing::info!(
+                            topics = subscriber.tracked_channels().len(),
+                            "re-subscribed after Redis reconnect"
+                        );
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "re-subscribe failed, retrying");
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                }
+            }
+        }
+    });
+}
+
+fn parse_fields_payload(fields: Value) -> Bytes {
+    // [field, value, field, value…] or a map; we only write the field "p".
+    match fields {
+        Value::Array(items) => {
+            let mut it = items.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                if k.as_str().as_deref() == Some("p") {
+                    return v.into_bytes().unwrap_or_default();
+                }
+            }
+            Bytes::new()
+        }
+        Value::Map(map) => {
+            for (k, v) in map.inner() {
+                if k.as_str() == Some("p") {
+                    return v.into_bytes().unwrap_or_default();
+                }
+            }
+            Bytes::new()
+        }
+        _ => Bytes::new(),
+    }
+}
+
+/// Parses `[[id, fields], …]`.
+fn parse_entries(value: Value, deliveries: u64) -> Vec<StreamEntry> {
+    let mut out = Vec::new();
+    for entry in value.into_array() {
+        let mut parts = entry.into_array().into_iter();
+        let (Some(id), fields) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let Some(id) = id.as_string() else { continue };
+        // A deleted entry still pending shows up with nil fields.
+        let payload = fields.map(parse_fields_payload).unwrap_or_default();
+        out.push(StreamEntry {
+            id,
+            payload,
+            deliveries,
+        });
+    }
+    out
+}
+
+#[async_trait]
+impl Bus for RedisBus {
+    async fn append(&self, partition: u32, payload: Bytes) -> BusResult<String> {
+        let key = self.topics.stream(partition);
+        let res: Result<Option<String>, _> = self.run(&self.scripts.append, true,
+                vec![key.clone()],
+                vec![Value::from(self.max_len as i64), Value::Bytes(payload)],
+            )
+            .await;
+        match res {
+            Ok(Some(id)) => Ok(id),
+            Ok(None) => Err(BusError::Full),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+
+    async fn read(
+        &self,
+        partitions: &[u32],
+        consumer: &str,
+        max: usize,
+        block: Duration,
+    ) -> BusResult<Vec<PartitionBatch>> {
+        if partitions.is_empty() {
+            tokio::time::sleep(block).await;
+            return Ok(Vec::new());
+        }
+        let value = match self.xreadgroup(partitions, consumer, max, block).await {
+            Ok(v) => v,
+            Err(e) if e.details().contains("NOGROUP") => {
+                for p in partitions {
+                    self.ensure_group(*p).await?;
+                }
+                self.xreadgroup(partitions, consumer, max, block)
+                    .await
+                    .map_err(unavailable)?
+            }
+            Err(e) => return Err(unavailable(e)),
+        };
+        let mut out = Vec::new();
+        let streams: Vec<(Value, Value)> = match value {
+            Value::Null => Vec::new(),
+            Value::Map(map) => map.inner().into_iter().map(|(k, v)| (Value::from(k), v)).collect(),
+            Value::Array(items) => items
+                .into_iter()
+                .filter_map(|s| {
+                    let mut it = s.into_array().into_iter();
+                    Some((it.next()?, it.next()?))
+                })
+                .collect(),
+            other => return Err(BusError::Protocol(format!("XREADGROUP: {other:?}"))),
+        };
+        for (key, entries) in streams {
+            let Some(key) = key.as_string() else { continue };
+            let Some(partition) = self.partition_of_key(&key) else {
+                continue;
+            };
+            let entries = parse_entries(entries, 1);
+            if !entries.is_empty() {
+                out.push(PartitionBatch { partition, entries });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn claim_pending(
+        &self,
+        partition: u32,
+        consumer: &str,
+        max: usize,
+    ) -> BusResult<Vec<StreamEntry>> {
+        self.ensure_group(partition).await?;
+        let key = self.topics.stream(partition);
+        let reply: Value = self
+            .cmd
+            .custom(
+                CustomCommand::new_static("XAUTOCLAIM", None, false),
+                vec![
+                    Value::from(key.clone()),
+                    GROUP.into(),
+                    consumer.into(),
+                    0i64.into(),
+                    "0-0".into(),
+                    "COUNT".into(),
+                    (max as i64).into(),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        let mut parts = reply.into_array().into_iter();
+        let _cursor = parts.next();
+        let mut entries = parts.next().map(|v| parse_entries(v, 1)).unwrap_or_default();
+        // Ids that were deleted while pending: nothing to process, just ack.
+        let deleted: Vec<String> = parts
+            .next()
+            .map(|v| v.into_array().into_iter().filter_map(|v| v.as_string()).collect())
+            .unwrap_or_default();
+        if !deleted.is_empty() {
+            self.ack(partition, &deleted).await?;
+        }
+        entries.retain(|e| !e.payload.is_empty());
+        if entries.is_empty() {
+            return Ok(entries);
+        }
+        // Delivery counts, this claim included.
+        let first = entries.first().map(|e| e.id.clone()).unwrap_or_default();
+        let last = entries.last().map(|e| e.id.clone()).unwrap_or_default();
+        let pending: Value = self
+            .cmd
+            .custom(
+                CustomCommand::new_static("XPENDING", None, false),
+                vec![
+                    Value::from(key),
+                    GROUP.into(),
+                    first.into(),
+                    last.into(),
+                    (entries.len() as i64).into(),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        let counts: std::collections::HashMap<String, u64> = pending
+            .into_array()
+            .into_iter()
+            .filter_map(|row| {
+                let row = row.into_array();
+                let id = row.first()?.as_string()?;
+                let n = row.get(3)?.as_u64()?;
+                Some((id, n))
+            })
+            .collect();
+        for e in &mut entries {
+            e.deliveries = counts.get(&e.id).copied().unwrap_or(1);
+        }
+        Ok(entries)
+    }
+
+    async fn ack(&self, partition: u32, ids: &[String]) -> BusResult<()> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut args: Vec<Value> = Vec::with_capacity(ids.len() + 1);
+        args.push(GROUP.into());
+        args.extend(ids.iter().map(|i| Value::from(i.as_str())));
+        let _: Value = self.run(&self.scripts.ack, false, vec![self.topics.stream(partition)], args)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn dead_letter(
+        &self,
+        partition: u32,
+        entry: &StreamEntry,
+        error: &str,
+    ) -> BusResult<()> {
+        let _: Value = self
+            .cmd
+            .custom(
+                CustomCommand::new_static("XADD", None, false),
+                vec![
+                    Value::from(self.topics.dead_letter()),
+                    "*".into(),
+                    "partition".into(),
+                    (partition as i64).into(),
+                    "id".into(),
+                    entry.id.as_str().into(),
+                    "error".into(),
+                    error.into(),
+                    "deliveries".into(),
+                    (entry.deliveries as i64).into(),
+                    "p".into(),
+                    Value::Bytes(entry.payload.clone()),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        self.ack(partition, std::slice::from_ref(&entry.id)).await
+    }
+
+    async fn backlog(&self, partition: u32) -> BusResult<u64> {
+        let n: Option<u64> = self
+            .cmd
+            .custom(
+                CustomCommand::new_static("XLEN", None, false),
+                vec![Value::from(self.topics.stream(partition))],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(n.unwrap_or(0))
+    }
+
+    async fn acquire_lease(&self, partition: u32, owner: &str, ttl: Duration) -> BusResult<bool> {
+        let n: i64 = self.run(&self.scripts.acquire, false,
+                vec![self.topics.lease(partition)],
+                vec![Value::from(owner), Value::from(ttl.as_millis() as i64)],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
+    async fn renew_lease(&self, partition: u32, owner: &str, ttl: Duration) -> BusResult<bool> {
+        let n: i64 = self.run(&self.scripts.renew, false,
+                vec![self.topics.lease(partition)],
+                vec![Value::from(owner), Value::from(ttl.as_millis() as i64)],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(n == 1)
+    }
+
+    async fn release_lease(&self, partition: u32, owner: &str) -> BusResult<()> {
+        let _: i64 = self.run(&self.scripts.release, false,
+                vec![self.topics.lease(partition)],
+                vec![Value::from(owner)],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn heartbeat(&self, worker: &str, ttl: Duration) -> BusResult<usize> {
+        let n: i64 = self.run(&self.scripts.heartbeat, false,
+                vec![self.topics.workers()],
+                vec![Value::from(worker), Value::from(ttl.as_millis() as i64)],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(n.max(1) as usize)
+    }
+
+    async fn leave(&self, worker: &str) -> BusResult<()> {
+        let _: Value = self
+            .cmd
+            .custom(
+                CustomCommand::new_static("ZREM", None, false),
+                vec![Value::from(self.topics.workers()), Value::from(worker)],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn claim_dedupe(
+        &self,
+        claims: &[(String, String)],
+        ttl: Duration,
+    ) -> BusResult<Vec<DedupeClaim>> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = claims.iter().map(|(k, _)| self.topics.dedupe(k)).collect();
+        let mut args: Vec<Value> = vec![Value::from(ttl.as_millis() as i64)];
+        args.extend(claims.iter().map(|(_, v)| Value::from(v.as_str())));
+        let reply: Value = self.run(&self.scripts.claim, false, keys, args)
+            .await
+            .map_err(unavailable)?;
+        Ok(reply
+            .into_array()
+            .into_iter()
+            .map(|v| match v {
+                Value::Integer(_) => DedupeClaim::Claimed,
+                other => DedupeClaim::Existing(other.as_string().unwrap_or_default()),
+            })
+            .collect())
+    }
+
+    async fn settle_dedupe(
+        &self,
+        set: &[(String, String)],
+        ttl: Duration,
+        delete: &[String],
+    ) -> BusResult<()> {
+        if set.is_empty() && delete.is_empty() {
+            return Ok(());
+        }
+        let mut keys: Vec<String> = set.iter().map(|(k, _)| self.topics.dedupe(k)).collect();
+        keys.extend(delete.iter().map(|k| self.topics.dedupe(k)));
+        let mut args: Vec<Value> = vec![
+            Value::from(ttl.as_millis() as i64),
+            Value::from(set.len() as i64),
+        ];
+        args.extend(set.iter().map(|(_, v)| Value::from(v.as_str())));
+        let _: Value = self.run(&self.scripts.settle, false, keys, args)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn count_in_window(&self, key: &str, window: Duration) -> BusResult<u64> {
+        let n: i64 = self.run(&self.scripts.count, false,
+                vec![self.topics.counter(key)],
+                vec![Value::from(window.as_millis() as i64)],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(n.max(0) as u64)
+    }
+
+    async fn read_counter(&self, key: &str) -> BusResult<u64> {
+        let v: Option<u64> = self
+            .cmd
+            .with_options(&self.fail_fast)
+            .get(self.topics.counter(key))
+            .await
+            .map_err(unavailable)?;
+        Ok(v.unwrap_or(0))
+    }
+
+    async fn publish(&self, messages: Vec<(String, Bytes)>) -> BusResult<()> {
+        if messages.is_empty() {
+            return Ok(());
+        }
+        let pipeline = self.cmd.pipeline();
+        for (topic, payload) in messages {
+            let _: () = pipeline
+                .publish(topic, Value::Bytes(payload))
+                .await
+                .map_err(unavailable)?;
+        }
+        let _: Vec<Value> = pipeline.all().await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn subscribe(&self, topics: Vec<String>) -> BusResult<()> {
+        if topics.is_empty() {
+            return Ok(());
+        }
+        self.subscriber.subscribe(topics).await.map_err(unavailable)
+    }
+
+    async fn unsubscribe(&self, topics: Vec<String>) -> BusResult<()> {
+        if topics.is_empty() {
+            return Ok(());
+        }
+        self.subscriber.unsubscribe(topics).await.map_err(unavailable)
+    }
+
+    fn incoming(&self) -> broadcast::Receiver<TopicMessage> {
+        self.incoming.subscribe()
+    }
+
+    async fn ping(&self) -> BusResult<()> {
+        let _: String = self
+            .cmd
+            .with_options(&self.fail_fast)
+            .ping(None)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,370 @@
+//! Configuration from environment variables (12-factor).
+//!
+//! Every limit of the product is a named setting here, with its default, and
+//! every setting is listed in the README. Gateway and worker read the same
+//! struct so that both sides of the bus agree on partition counts, prefixes
+//! and TTLs.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Which backends the process runs on, derived from `REDIS_URL`/`DATABASE_URL`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mode {
+    /// Redis Streams/pub-sub and PostgreSQL: a node of a cluster.
+    Cluster { redis_url: String, database_url: String },
+    /// In-process bus and a SQLite file: the whole product in one process.
+    Embedded { data_dir: PathBuf },
+}
+
+fn default_port() -> u16 {
+    3002
+}
+fn default_host() -> String {
+    "0.0.0.0".into()
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("./data")
+}
+fn default_prefix() -> String {
+    "switchboard".into()
+}
+fn default_leeway() -> u64 {
+    5
+}
+fn default_name_claim() -> String {
+    "name".into()
+}
+fn default_image_claim() -> String {
+    "image_url".into()
+}
+fn default_jwks_cooldown() -> u64 {
+    30_000
+}
+fn default_jwks_cache() -> u64 {
+    600_000
+}
+fn default_fail_threshold() -> u64 {
+    20
+}
+fn default_fail_window() -> u64 {
+    60
+}
+fn default_ping_interval() -> u64 {
+    25_000
+}
+fn default_ping_timeout() -> u64 {
+    60_000
+}
+fn default_connect_timeout() -> u64 {
+    10_000
+}
+fn default_max_payload() -> u64 {
+    1_000_000
+}
+fn default_max_content() -> usize {
+    4000
+}
+fn default_max_temp_id() -> usize {
+    128
+}
+fn default_max_reaction_type() -> usize {
+    64
+}
+fn default_rest_body_limit() -> usize {
+    1_048_576
+}
+fn default_dedupe_ttl() -> u64 {
+    86_400
+}
+fn default_processing_ttl() -> u64 {
+    60
+}
+fn default_partitions() -> u32 {
+    16
+}
+fn default_stream_max_len() -> u64 {
+    100_000
+}
+fn default_batch_size() -> usize {
+    512
+}
+fn default_block_ms() -> u64 {
+    500
+}
+fn default_lease_ttl() -> u64 {
+    10_000
+}
+fn default_attempts() -> u64 {
+    5
+}
+fn default_history_limit() -> u64 {
+    50
+}
+fn default_db_pool() -> u32 {
+    10
+}
+fn default_max_channels() -> usize {
+    10_000
+}
+fn default_drain_ms() -> u64 {
+    10_000
+}
+
+/// All settings. Field `foo_bar` is read from the variable `FOO_BAR`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    /// HTTP port for Socket.IO, REST, health and metrics.
+    #[serde(default = "default_port")]
+    pub port: u16,
+    /// Address to bind.
+    #[serde(default = "default_host")]
+    pub host: String,
+    /// Redis for streams, dedupe keys and pub/sub. Unset (with `DATABASE_URL`
+    /// unset too) means embedded mode.
+    #[serde(default)]
+    pub redis_url: Option<String>,
+    /// PostgreSQL URL. Unset (with `REDIS_URL` unset too) means embedded mode.
+    #[serde(default)]
+    pub database_url: Option<String>,
+    /// Where embedded mode keeps its SQLite file.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Prefix of every Redis key, stream and pub/sub channel.
+    #[serde(default = "default_prefix")]
+    pub redis_prefix: String,
+    /// Name of this node in logs and in its pub/sub topic; defaults to a random id.
+    #[serde(default)]
+    pub node_id: Option<String>,
+
+    /// JWKS URL of the Clerk instance (RS256).
+    #[serde(default)]
+    pub auth_jwks_url: Option<String>,
+    /// PEM public key (networkless verification).
+    #[serde(default)]
+    pub auth_public_key: Option<String>,
+    /// File holding the PEM public key.
+    #[serde(default)]
+    pub auth_public_key_file: Option<PathBuf>,
+    /// Required `iss`, when set.
+    #[serde(default)]
+    pub auth_issuer: Option<String>,
+    /// Comma list of accepted `azp` values, when set.
+    #[serde(default)]
+    pub auth_authorized_parties: Option<String>,
+    /// HS256 secret for development tokens. Never set it in production.
+    #[serde(default)]
+    pub auth_dev_secret: Option<String>,
+    /// Seconds of clock skew accepted on `exp` and `nbf`.
+    #[serde(default = "default_leeway")]
+    pub auth_leeway_s: u64,
+    /// Claim holding the display name.
+    #[serde(default = "default_name_claim")]
+    pub auth_name_claim: String,
+    /// Claim holding the avatar URL.
+    #[serde(default = "default_image_claim")]
+    pub auth_image_claim: String,
+    /// Least time between two JWKS refetches caused by unknown `kid`s.
+    #[serde(default = "default_jwks_cooldown")]
+    pub auth_jwks_cooldown_ms: u64,
+    /// Age after which the JWKS is refetched anyway.
+    #[serde(default = "default_jwks_cache")]
+    pub auth_jwks_cache_ms: u64,
+    /// Failed handshakes per client address within the window before
+    /// further attempts fail fast.
+    #[serde(default = "default_fail_threshold")]
+    pub auth_fail_threshold: u64,
+    /// The window of `AUTH_FAIL_THRESHOLD`, in seconds.
+    #[serde(default = "default_fail_window")]
+    pub auth_fail_window_s: u64,
+
+    /// Engine.IO ping interval.
+    #[serde(default = "default_ping_interval")]
+    pub ping_interval_ms: u64,
+    /// Engine.IO ping timeout.
+    #[serde(default = "default_ping_timeout")]
+    pub ping_timeout_ms: u64,
+    /// Time a client has to connect to a namespace after the handshake.
+    #[serde(default = "default_connect_timeout")]
+    pub connect_timeout_ms: u64,
+    /// Largest Socket.IO frame (socket.io's `maxHttpBufferSize`).
+    #[serde(default = "default_max_payload")]
+    pub max_payload_bytes: u64,
+    /// Longest message content, in characters (code points).
+    #[serde(default = "default_max_content")]
+    pub max_content_chars: usize,
+    /// Longest `tempId`, in characters.
+    #[serde(default = "default_max_temp_id")]
+    pub max_temp_id_chars: usize,
+    /// Longest reaction `type`, in bytes.
+    #[serde(default = "default_max_reaction_type")]
+    pub max_reaction_type_bytes: usize,
+    /// Largest REST request body, in bytes (413 above).
+    #[serde(default = "default_rest_body_limit")]
+    pub rest_body_limit: usize,
+    /// Comma list of allowed browser origins; empty means same-origin only.
+    #[serde(default)]
+    pub cors_origins: Option<String>,
+    /// Most channels one user may be a member of (bounds `connection:success`).
+    #[serde(default = "default_max_channels")]
+    pub max_channels_per_user: usize,
+
+    /// Seconds a delivered `tempId` is remembered.
+    #[serde(default = "default_dedupe_ttl")]
+    pub dedupe_ttl: u64,
+    /// Seconds an in-flight dedupe claim lives if its worker dies.
+    #[serde(default = "default_processing_ttl")]
+    pub dedupe_processing_ttl: u64,
+    /// Number of stream partitions; a channel always maps to the same one.
+    /// Every node of a deployment must use the same value.
+    #[serde(default = "default_partitions")]
+    pub stream_partitions: u32,
+    /// Unacknowledged entries one partition may hold before senders get
+    /// `message:failed` (back-pressure instead of unbounded memory).
+    #[serde(default = "default_stream_max_len")]
+    pub stream_max_len: u64,
+    /// Most entries a worker reads in one batch.
+    #[serde(default = "default_batch_size")]
+    pub worker_batch_size: usize,
+    /// How long a worker's read blocks waiting for entries.
+    #[serde(default = "default_block_ms")]
+    pub worker_block_ms: u64,
+    /// Lease time of a partition; renewed at a third of it.
+    #[serde(default = "default_lease_ttl")]
+    pub lease_ttl_ms: u64,
+    /// Deliveries of an entry before it goes to the dead-letter stream.
+    #[serde(default = "default_attempts")]
+    pub max_delivery_attempts: u64,
+    /// History page size without `limit`.
+    #[serde(default = "default_history_limit")]
+    pub history_default_limit: u64,
+    /// Database connections per process.
+    #[serde(default = "default_db_pool")]
+    pub db_pool_size: u32,
+    /// How long SIGTERM waits for in-flight work.
+    #[serde(default = "default_drain_ms")]
+    pub drain_timeout_ms: u64,
+}
+
+impl Settings {
+    /// Reads the settings from the process environment.
+    pub fn from_env() -> anyhow::Result<Self> {
+        Self::from_iter(std::env::vars())
+    }
+
+    /// Reads the settings from `(NAME, value)` pairs; unknown names are ignored
+    /// and empty values count as unset.
+    pub fn from_iter(vars: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Self> {
+        let vars = vars.into_iter().filter(|(_, v)| !v.trim().is_empty());
+        let settings: Settings =
+            envy::from_iter(vars).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.stream_partitions > 0, "STREAM_PARTITIONS must be at least 1");
+        anyhow::ensure!(self.worker_batch_size > 0, "WORKER_BATCH_SIZE must be at least 1");
+        anyhow::ensure!(self.lease_ttl_ms >= 300, "LEASE_TTL_MS must be at least 300");
+        anyhow::ensure!(
+            self.max_delivery_attempts > 0,
+            "MAX_DELIVERY_ATTEMPTS must be at least 1"
+        );
+        self.mode()?;
+        Ok(())
+    }
+
+    /// The backend mode; only one of the two URLs set is a configuration error.
+    pub fn mode(&self) -> anyhow::Result<Mode> {
+        match (&self.redis_url, &self.database_url) {
+            (Some(r), Some(d)) => Ok(Mode::Cluster {
+                redis_url: r.clone(),
+                database_url: d.clone(),
+            }),
+            (None, None) => Ok(Mode::Embedded {
+                data_dir: self.data_dir.clone(),
+            }),
+            (Some(_), None) => anyhow::bail!(
+                "REDIS_URL is set but DATABASE_URL is not: set both for a cluster node, or neither for the embedded mode"
+            ),
+            (None, Some(_)) => anyhow::bail!(
+                "DATABASE_URL is set but REDIS_URL is not: set both for a cluster node, or neither for the embedded mode"
+            ),
+        }
+    }
+
+    pub fn ping_interval(&self) -> Duration {
+        Duration::from_millis(self.ping_interval_ms)
+    }
+    pub fn ping_timeout(&self) -> Duration {
+        Duration::from_millis(self.ping_timeout_ms)
+    }
+    pub fn connect_timeout(&self) -> Duration {
+        Duration::from_millis(self.connect_timeout_ms)
+    }
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms)
+    }
+
+    /// `AUTH_AUTHORIZED_PARTIES` split on commas.
+    pub fn authorized_parties(&self) -> Vec<String> {
+        split_list(self.auth_authorized_parties.as_deref())
+    }
+
+    /// `CORS_ORIGINS` split on commas.
+    pub fn cors_origin_list(&self) -> Vec<String> {
+        split_list(self.cors_origins.as_deref())
+    }
+}
+
+fn split_list(s: Option<&str>) -> Vec<String> {
+    s.unwrap_or_default()
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_are_the_contract_values() {
+        let s = Settings::from_iter(vars(&[])).expect("defaults");
+        assert_eq!(s.port, 3002);
+        assert_eq!(s.ping_interval_ms, 25_000);
+        assert_eq!(s.ping_timeout_ms, 60_000);
+        assert_eq!(s.connect_timeout_ms, 10_000);
+        assert_eq!(s.max_content_chars, 4000);
+        assert_eq!(s.max_payload_bytes, 1_000_000);
+        assert_eq!(s.dedupe_ttl, 86_400);
+        assert_eq!(s.mode().expect("mode"), Mode::Embedded { data_dir: "./data".into() });
+    }
+
+    #[test]
+    fn one_url_alone_is_an_error() {
+        let err = Settings::from_iter(vars(&[("REDIS_URL", "redis://x")])).unwrap_err();
+        assert!(err.to_string().contains("DATABASE_URL"), "{err}");
+    }
+
+    #[test]
+    fn numeric_values_parse_and_garbage_is_rejected() {
+        let s = Settings::from_iter(vars(&[("PORT", "4000"), ("AUTH_DEV_SECRET", "1234")]));
+        // A numeric-looking secret is still a string setting.
+        let s = s.expect("parse");
+        assert_eq!(s.port, 4000);
+        assert_eq!(s.auth_dev_secret.as_deref(), Some("1234"));
+        assert!(Settings::from_iter(vars(&[("PORT", "abc")])).is_err());
+    }
+}

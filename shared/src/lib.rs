@@ -1,0 +1,15 @@
+//! Common code of the Switchboard gateway and worker.
+//!
+//! - [`config`]: settings from the environment.
+//! - [`protocol`]: Socket.IO payloads and bus entries.
+//! - [`bus`]: the gateway ↔ worker seam (Redis or in-memory).
+//! - [`store`]: the database (PostgreSQL or SQLite through sea-orm).
+//! - [`telemetry`]: logs, traces, metrics.
+//! - [`backends`]: picks and connects the bus and store for a [`config::Mode`].
+
+pub mod backends;
+pub mod bus;
+pub mod config;
+pub mod protocol;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,479 @@
+//! Storage: sea-orm over PostgreSQL (cluster) or SQLite (embedded). The
+//! sea-orm connection is the storage seam; every query of the product lives
+//! in this module so that both backends run the same code.
+
+pub mod entities;
+pub mod migration;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::OnConflict;
+use sea_orm::{
+    ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend,
+    DatabaseConnection, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect,
+    Statement, TransactionTrait,
+};
+use sea_orm_migration::MigratorTrait;
+use uuid::Uuid;
+
+use crate::protocol::{iso, DeliveryStatus, MessageView, ReactionView, UserView};
+use entities::{channel, channel_member, message, reaction, user};
+
+/// Key of the PostgreSQL advisory lock that serialises concurrent migrations.
+const MIGRATION_LOCK: i64 = 0x5357_4254_4348; // "SWBTCH"
+
+/// A channel as the REST API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelView {
+    pub id: String,
+    pub name: String,
+    pub is_private: bool,
+    pub owner_id: String,
+    pub created_at: String,
+    pub is_member: bool,
+    /// Messages after the caller's read position (0 for non-members).
+    pub unread_count: i64,
+}
+
+/// A message with its reactions, as the history API shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct HistoryMessage {
+    #[serde(flatten)]
+    pub message: MessageView,
+    pub reactions: Vec<ReactionView>,
+}
+
+/// A message ready to be inserted by a worker.
+#[derive(Debug, Clone)]
+pub struct NewMessage {
+    pub id: Uuid,
+    pub channel_id: Uuid,
+    pub user_id: String,
+    pub content: String,
+    pub reply_to_id: Option<Uuid>,
+    pub temp_id: Option<String>,
+    pub seq: i64,
+    pub created_at: DateTime<Utc>,
+}
+
+/// Result of adding a member.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AddMember {
+    Added,
+    AlreadyMember,
+}
+
+#[derive(Clone)]
+pub struct Store {
+    db: DatabaseConnection,
+}
+
+impl Store {
+    /// Connects to `url` (`postgres://…` or `sqlite://…`).
+    pub async fn connect(url: &str, pool: u32) -> Result<Self, DbErr> {
+        let mut opts = ConnectOptions::new(url.to_string());
+        opts.max_connections(pool)
+            .min_connections(1)
+            .connect_timeout(Duration::from_secs(5))
+            .acquire_timeout(Duration::from_secs(5))
+            .sqlx_logging(false);
+        Ok(Self {
+            db: Database::connect(opts).await?,
+        })
+    }
+
+    /// Opens (creating it if needed) the SQLite file of the embedded mode.
+    pub async fn open_embedded(data_dir: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(data_dir)?;
+        let path = data_dir.join("switchboard.sqlite3");
+        let url = format!("sqlite://{}?mode=rwc", path.display());
+        let store = Self::connect(&url, 1).await?;
+        // WAL lets history reads run beside the worker's writes.
+        store
+            .db
+            .execute_unprepared("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
+            .await?;
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> DatabaseBackend {
+        self.db.get_database_backend()
+    }
+
+    /// Applies pending migrations. On PostgreSQL the run holds an advisory
+    /// lock, so several nodes starting at once migrate one after the other
+    /// (the later ones find nothing to do).
+    pub async fn migrate(&self) -> Result<(), DbErr> {
+        match self.backend() {
+            DatabaseBackend::Postgres => {
+                // One connection, so the session lock and the migration share it.
+                let txn = self.db.begin().await?;
+                txn.execute_raw(Statement::from_string(
+                    DatabaseBackend::Postgres,
+                    format!("SELECT pg_advisory_xact_lock({MIGRATION_LOCK})"),
+                ))
+                .await?;
+                migration::Migrator::up(&txn, None).await?;
+                txn.commit().await
+            }
+            _ => migration::Migrator::up(&self.db, None).await,
+        }
+    }
+
+    pub async fn ping(&self) -> Result<(), DbErr> {
+        self.db.ping().await
+    }
+
+    // ---- users -------------------------------------------------------------
+
+    /// Creates or refreshes a user from their token's profile claims.
+    pub async fn upsert_user(
+        &self,
+        id: &str,
+        name: &str,
+        image_url: Option<&str>,
+    ) -> Result<(), DbErr> {
+        let now = Utc::now();
+        user::Entity::insert(user::ActiveModel {
+            id: Set(id.to_string()),
+            name: Set(name.to_string()),
+            image_url: Set(image_url.map(String::from)),
+            created_at: Set(now),
+            updated_at: Set(now),
+        })
+        .on_conflict(
+            OnConflict::column(user::Column::Id)
+                .update_columns([user::Column::Name, user::Column::ImageUrl, user::Column::UpdatedAt])
+                .to_owned(),
+        )
+        .exec_without_returning(&self.db)
+        .await?;
+        Ok(())
+    }
+
+    /// Creates a user known only by id (an invitation of someone never seen).
+    async fn ensure_user<C: ConnectionTrait>(db: &C, id: &str) -> Result<(), DbErr> {
+        let now = Utc::now();
+        user::Entity::insert(user::ActiveModel {
+            id: Set(id.to_string()),
+            name: Set(id.to_string()),
+            image_url: Set(None),
+            created_at: Set(now),
+            updated_at: Set(now),
+        })
+        .on_conflict(OnConflict::column(user::Column::Id).do_nothing().to_owned())
+        .exec_without_returning(db)
+        .await?;
+        Ok(())
+    }
+
+    // ---- channels and membership ---------------------------------------------
+
+    /// Ids of every channel the user is a member of, oldest membership first.
+    pub async fn channels_of(&self, user_id: &str, limit: usize) -> Result<Vec<Uuid>, DbErr> {
+        channel_member::Entity::find()
+            .select_only()
+            .column(channel_member::Column::ChannelId)
+            .filter(channel_member::Column::UserId.eq(user_id))
+            .order_by_asc(channel_member::Column::JoinedAt)
+            .limit(limit as u64)
+            .into_tuple::<Uuid>()
+            .all(&self.db)
+            .await
+    }
+
+    pub async fn channel(&self, id: Uuid) -> Result<Option<channel::Model>, DbErr> {
+        channel::Entity::find_by_id(id).one(&self.db).await
+    }
+
+    pub async fn is_member(&self, channel_id: Uuid, user_id: &str) -> Result<bool, DbErr> {
+        Ok(channel_member::Entity::find_by_id((channel_id, user_id.to_string()))
+            .one(&self.db)
+            .await?
+            .is_some())
+    }
+
+    /// Creates a channel owned by `owner`, who becomes its first member.
+    pub async fn create_channel(
+        &self,
+        name: &str,
+        is_private: bool,
+        owner: &str,
+    ) -> Result<ChannelView, DbErr> {
+        let now = Utc::now();
+        let id = Uuid::now_v7();
+        let txn = self.db.begin().await?;
+        Self::ensure_user(&txn, owner).await?;
+        channel::Entity::insert(channel::ActiveModel {
+            id: Set(id),
+            name: Set(name.to_string()),
+            is_private: Set(is_private),
+            owner_id: Set(owner.to_string()),
+            created_at: Set(now),
+        })
+        .exec_without_returning(&txn)
+        .await?;
+        channel_member::Entity::insert(member_row(id, owner, "owner", None, now))
+            .exec_without_returning(&txn)
+            .await?;
+        txn.commit().await?;
+        Ok(ChannelView {
+            id: id.to_string(),
+            name: name.to_string(),
+            is_private,
+            owner_id: owner.to_string(),
+            created_at: iso(now),
+            is_member: true,
+            unread_count: 0,
+        })
+    }
+
+    /// Adds a member (creating the user if never seen).
+    pub async fn add_member(
+        &self,
+        channel_id: Uuid,
+        user_id: &str,
+        invited_by: Option<&str>,
+    ) -> Result<AddMember, DbErr> {
+        let txn = self.db.begin().await?;
+        Self::ensure_user(&txn, user_id).await?;
+        let res = channel_member::Entity::insert(member_row(
+            channel_id,
+            user_id,
+            "member",
+            invited_by,
+            Utc::now(),
+        ))
+        .on_conflict(
+            OnConflict::columns([channel_member::Column::ChannelId, channel_member::Column::UserId])
+                .do_nothing()
+                .to_owned(),
+        )
+        .exec_without_returning(&txn)
+        .await?;
+        txn.commit().await?;
+        Ok(if res == 0 {
+            AddMember::AlreadyMember
+        } else {
+            AddMember::Added
+        })
+    }
+
+    /// The caller's channels and every public channel, with unread counts.
+    pub async fn list_channels(&self, user_id: &str) -> Result<Vec<ChannelView>, DbErr> {
+        #[derive(FromQueryResult)]
+        struct Row {
+            id: Uuid,
+            name: String,
+            is_private: bool,
+            owner_id: String,
+            created_at: DateTime<Utc>,
+            is_member: bool,
+            unread_count: i64,
+        }
+        let backend = self.backend();
+        let (p1, p2) = match backend {
+            DatabaseBackend::Postgres => ("$1", "$2"),
+            _ => ("?", "?"),
+        };
+        let sql = format!(
+            "SELECT c.id, c.name, c.is_private, c.owner_id, c.created_at, \
+               (m.user_id IS NOT NULL) AS is_member, \
+               CASE WHEN m.user_id IS NULL THEN 0 ELSE \
+                 (SELECT COUNT(*) FROM messages x WHERE x.channel_id = c.id AND x.seq > m.last_read_seq) \
+               END AS unread_count \
+             FROM channels c \
+             LEFT JOIN channel_members m ON m.channel_id = c.id AND m.user_id = {p1} \
+             WHERE m.user_id IS NOT NULL OR c.is_private = {p2} \
+             ORDER BY c.created_at, c.id"
+        );
+        let rows = Row::find_by_statement(Statement::from_sql_and_values(
+            backend,
+            sql,
+            [user_id.into(), false.into()],
+        ))
+        .all(&self.db)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| ChannelView {
+                id: r.id.to_string(),
+                name: r.name,
+                is_private: r.is_private,
+                owner_id: r.owner_id,
+                created_at: iso(r.created_at),
+                is_member: r.is_member,
+                unread_count: r.unread_count,
+            })
+            .collect())
+    }
+
+    // ---- messages ------------------------------------------------------------
+
+    /// Newest first, before `before` (a message id of the same channel).
+    pub async fn history(
+        &self,
+        channel_id: Uuid,
+        before: Option<Uuid>,
+        limit: u64,
+    ) -> Result<Vec<HistoryMessage>, DbErr> {
+        let mut q = message::Entity::find().filter(message::Column::ChannelId.eq(channel_id));
+        if let Some(before) = before {
+            let Some(anchor) = message::Entity::find_by_id(before).one(&self.db).await? else {
+                return Ok(Vec::new());
+            };
+            q = q.filter(message::Column::Seq.lt(anchor.seq));
+        }
+        let rows = q
+            .order_by_desc(message::Column::Seq)
+            .limit(limit)
+            .all(&self.db)
+            .await?;
+        let ids: Vec<Uuid> = rows.iter().map(|m| m.id).collect();
+        let authors: Vec<String> = rows.iter().map(|m| m.user_id.clone()).collect();
+        let users: HashMap<String, user::Model> = user::Entity::find()
+            .filter(user::Column::Id.is_in(authors))
+            .all(&self.db)
+            .await?
+            .into_iter()
+            .map(|u| (u.id.clone(), u))
+            .collect();
+        let mut reactions: HashMap<Uuid, Vec<ReactionView>> = HashMap::new();
+        for r in reaction::Entity::find()
+            .filter(reaction::Column::MessageId.is_in(ids))
+            .order_by_asc(reaction::Column::CreatedAt)
+            .all(&self.db)
+            .await?
+        {
+            reactions.entry(r.message_id).or_default().push(reaction_view(&r));
+        }
+        Ok(rows
+            .into_iter()
+            .map(|m| {
+                let author = users.get(&m.user_id);
+                HistoryMessage {
+                    reactions: reactions.remove(&m.id).unwrap_or_default(),
+                    message: message_view(&m, author),
+                }
+            })
+            .collect())
+    }
+
+    /// Highest sequence number per channel (0 for a channel without messages).
+    pub async fn max_seqs(&self, channels: &[Uuid]) -> Result<HashMap<Uuid, i64>, DbErr> {
+        let rows: Vec<(Uuid, Option<i64>)> = message::Entity::find()
+            .select_only()
+            .column(message::Column::ChannelId)
+            .column_as(message::Column::Seq.max(), "max_seq")
+            .filter(message::Column::ChannelId.is_in(channels.to_vec()))
+            .group_by(message::Column::ChannelId)
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        let mut out: HashMap<Uuid, i64> = channels.iter().map(|c| (*c, 0)).collect();
+        for (c, s) in rows {
+            out.insert(c, s.unwrap_or(0));
+        }
+        Ok(out)
+    }
+
+    /// Messages among `ids` that are already stored (a redelivered entry
+    /// whose first processing died after the insert).
+    pub async fn existing_messages(&self, ids: &[Uuid]) -> Result<Vec<message::Model>, DbErr> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        message::Entity::find()
+            .filter(message::Column::Id.is_in(ids.to_vec()))
+            .all(&self.db)
+            .await
+    }
+
+    /// Inserts a batch in one transaction (multi-row inserts). Either all rows
+    /// are stored or none.
+    pub async fn insert_messages(&self, rows: &[NewMessage]) -> Result<(), DbErr> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let txn = self.db.begin().await?;
+        // Stay far below both backends' bound-parameter limits.
+        for chunk in rows.chunks(1000) {
+            message::Entity::insert_many(chunk.iter().map(|m| message::ActiveModel {
+                id: Set(m.id),
+                channel_id: Set(m.channel_id),
+                user_id: Set(m.user_id.clone()),
+                content: Set(m.content.clone()),
+                reply_to_id: Set(m.reply_to_id),
+                delivery_status: Set(DeliveryStatus::Delivered.as_str().to_string()),
+                temp_id: Set(m.temp_id.clone()),
+                seq: Set(m.seq),
+                created_at: Set(m.created_at),
+                updated_at: Set(m.created_at),
+            }))
+            .exec_without_returning(&txn)
+            .await?;
+        }
+        txn.commit().await
+    }
+
+    pub async fn message_count(&self, channel_id: Uuid) -> Result<u64, DbErr> {
+        use sea_orm::PaginatorTrait;
+        message::Entity::find()
+            .filter(message::Column::ChannelId.eq(channel_id))
+            .count(&self.db)
+            .await
+    }
+}
+
+fn member_row(
+    channel_id: Uuid,
+    user_id: &str,
+    role: &str,
+    invited_by: Option<&str>,
+    now: DateTime<Utc>,
+) -> channel_member::ActiveModel {
+    channel_member::ActiveModel {
+        channel_id: Set(channel_id),
+        user_id: Set(user_id.to_string()),
+        role: Set(role.to_string()),
+        invited_by: Set(invited_by.map(String::from)),
+        joined_at: Set(now),
+        last_read_seq: Set(0),
+        last_read_message_id: Set(None),
+        last_read_at: Set(None),
+    }
+}
+
+pub fn reaction_view(r: &reaction::Model) -> ReactionView {
+    ReactionView {
+        id: r.id.to_string(),
+        kind: r.kind.clone(),
+        user_id: r.user_id.clone(),
+        message_id: r.message_id.to_string(),
+        created_at: iso(r.created_at),
+    }
+}
+
+pub fn message_view(m: &message::Model, author: Option<&user::Model>) -> MessageView {
+    MessageView {
+        id: m.id.to_string(),
+        content: m.content.clone(),
+        channel_id: m.channel_id.to_string(),
+        user_id: m.user_id.clone(),
+        reply_to_id: m.reply_to_id.map(|r| r.to_string()),
+        delivery_status: DeliveryStatus::Delivered,
+        seq: m.seq,
+        created_at: iso(m.created_at),
+        updated_at: iso(m.updated_at),
+        user: UserView {
+            id: m.user_id.clone(),
+            name: author.map(|a| a.name.clone()).unwrap_or_else(|| m.user_id.clone()),
+            image_url: author.and_then(|a| a.image_url.clone()),
+        },
+    }
+}

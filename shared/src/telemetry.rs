@@ -1,0 +1,59 @@
+//! Logging, tracing and metrics set-up shared by both binaries.
+//!
+//! Logs go to stderr through `tracing` (`RUST_LOG` filters them; `LOG_FORMAT=json`
+//! for JSON lines). Spans are OpenTelemetry spans through
+//! `tracing-opentelemetry`, so the W3C trace context of a `message:send`
+//! travels inside its stream entry and the worker's span continues the
+//! gateway's trace. Metrics are recorded with the `metrics` facade and
+//! rendered by the Prometheus exporter at `/metrics`.
+
+use std::collections::HashMap;
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::EnvFilter;
+
+/// Installs the global subscriber. Call once, first thing in `main`.
+pub fn init_tracing(service: &'static str) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let provider = SdkTracerProvider::builder().build();
+    let tracer = provider.tracer(service);
+    opentelemetry::global::set_tracer_provider(provider);
+    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    let json = std::env::var("LOG_FORMAT").map(|v| v == "json").unwrap_or(false);
+    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    if json {
+        registry
+            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
+            .init();
+    } else {
+        registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .init();
+    }
+}
+
+/// Installs the Prometheus recorder and returns the handle `/metrics` renders.
+pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
+    Ok(PrometheusBuilder::new().install_recorder()?)
+}
+
+/// The W3C trace context of the current span, to carry in a bus entry.
+pub fn current_trace_context() -> HashMap<String, String> {
+    let mut carrier = HashMap::new();
+    let cx = tracing::Span::current().context();
+    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    carrier
+}
+
+/// Makes `span` a child of the trace context carried by a bus entry.
+pub fn continue_trace(span: &tracing::Span, carrier: &HashMap<String, String>) {
+    let cx = TraceContextPropagator::new().extract(carrier);
+    let _ = span.set_parent(cx);
+}

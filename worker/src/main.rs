@@ -1,0 +1,83 @@
+//! `switchboard-worker`: a worker process of a cluster, or `migrate` to apply
+//! the database migrations and exit.
+
+use clap::{Parser, Subcommand};
+use switchboard_shared::backends::Backends;
+use switchboard_shared::config::{Mode, Settings};
+use switchboard_shared::store::Store;
+use switchboard_worker::Worker;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "switchboard-worker", version, about = "Switchboard worker: persists, dedupes and fans out the writes of the gateways")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Process the command streams (the default).
+    Run,
+    /// Apply the database migrations and exit (safe to run from several nodes at once).
+    Migrate,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    switchboard_shared::telemetry::init_tracing("switchboard-worker");
+    let cli = Cli::parse();
+    let settings = Settings::from_env()?;
+    match cli.command.unwrap_or(Cmd::Run) {
+        Cmd::Migrate => {
+            let url = match settings.mode()? {
+                Mode::Cluster { database_url, .. } => database_url,
+                Mode::Embedded { data_dir } => {
+                    Store::open_embedded(&data_dir).await?.migrate().await?;
+                    tracing::info!(dir = %data_dir.display(), "embedded database migrated");
+                    return Ok(());
+                }
+            };
+            let store = Store::connect(&url, 2).await?;
+            store.migrate().await?;
+            tracing::info!("migrations applied");
+            Ok(())
+        }
+        Cmd::Run => {
+            anyhow::ensure!(
+                matches!(settings.mode()?, Mode::Cluster { .. }),
+                "switchboard-worker needs REDIS_URL and DATABASE_URL; without them run switchboard-gateway, which embeds the worker"
+            );
+            let _metrics = switchboard_shared::telemetry::init_metrics()?;
+            let backends = Backends::connect(&settings).await?;
+            let worker = Worker::new(&backends, &settings);
+            let cancel = CancellationToken::new();
+            let stop = cancel.clone();
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                tracing::info!("shutting down: finishing the current batch");
+                stop.cancel();
+            });
+            worker.run(cancel).await;
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
