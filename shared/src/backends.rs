@@ -24,9 +24,12 @@ impl Backends {
                 redis_url,
                 database_url,
             } => {
-                let bus = RedisBus::connect(&redis_url, &settings.redis_prefix, settings.stream_max_len)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("cannot connect to Redis at {redis_url}: {e}"))?;
+                let bus =
+                    RedisBus::connect(&redis_url, &settings.redis_prefix, settings.stream_max_len)
+                        .await
+                        .map_err(|e| {
+                            anyhow::anyhow!("cannot connect to Redis at {redis_url}: {e}")
+                        })?;
                 let store = Store::connect(&database_url, settings.db_pool_size)
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))?;

@@ -14,7 +14,10 @@ use serde::Deserialize;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Mode {
     /// Redis Streams/pub-sub and PostgreSQL: a node of a cluster.
-    Cluster { redis_url: String, database_url: String },
+    Cluster {
+        redis_url: String,
+        database_url: String,
+    },
     /// In-process bus and a SQLite file: the whole product in one process.
     Embedded { data_dir: PathBuf },
 }
@@ -108,6 +111,9 @@ fn default_db_pool() -> u32 {
 }
 fn default_max_channels() -> usize {
     10_000
+}
+fn default_inbox() -> usize {
+    256
 }
 fn default_drain_ms() -> u64 {
     10_000
@@ -211,6 +217,11 @@ pub struct Settings {
     #[serde(default = "default_max_channels")]
     pub max_channels_per_user: usize,
 
+    /// Events one connection may have queued and not yet handled; beyond
+    /// it an event is refused at once with an error (back-pressure).
+    #[serde(default = "default_inbox")]
+    pub socket_inbox_capacity: usize,
+
     /// Seconds a delivered `tempId` is remembered.
     #[serde(default = "default_dedupe_ttl")]
     pub dedupe_ttl: u64,
@@ -265,9 +276,18 @@ impl Settings {
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.stream_partitions > 0, "STREAM_PARTITIONS must be at least 1");
-        anyhow::ensure!(self.worker_batch_size > 0, "WORKER_BATCH_SIZE must be at least 1");
-        anyhow::ensure!(self.lease_ttl_ms >= 300, "LEASE_TTL_MS must be at least 300");
+        anyhow::ensure!(
+            self.stream_partitions > 0,
+            "STREAM_PARTITIONS must be at least 1"
+        );
+        anyhow::ensure!(
+            self.worker_batch_size > 0,
+            "WORKER_BATCH_SIZE must be at least 1"
+        );
+        anyhow::ensure!(
+            self.lease_ttl_ms >= 300,
+            "LEASE_TTL_MS must be at least 300"
+        );
         anyhow::ensure!(
             self.max_delivery_attempts > 0,
             "MAX_DELIVERY_ATTEMPTS must be at least 1"
@@ -349,7 +369,12 @@ mod tests {
         assert_eq!(s.max_content_chars, 4000);
         assert_eq!(s.max_payload_bytes, 1_000_000);
         assert_eq!(s.dedupe_ttl, 86_400);
-        assert_eq!(s.mode().expect("mode"), Mode::Embedded { data_dir: "./data".into() });
+        assert_eq!(
+            s.mode().expect("mode"),
+            Mode::Embedded {
+                data_dir: "./data".into()
+            }
+        );
     }
 
     #[test]

@@ -312,8 +312,12 @@ pub struct Outcome {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum OutcomeResult {
     /// Persisted; `message_id` is the original id for a resent `tempId`.
-    Delivered { message_id: Uuid },
-    Failed { error: String },
+    Delivered {
+        message_id: Uuid,
+    },
+    Failed {
+        error: String,
+    },
 }
 
 /// Published cluster-wide when someone becomes a member of a channel, so that

@@ -26,11 +26,17 @@ pub fn init_tracing(service: &'static str) {
     let tracer = provider.tracer(service);
     opentelemetry::global::set_tracer_provider(provider);
     let otel = tracing_opentelemetry::layer().with_tracer(tracer);
-    let json = std::env::var("LOG_FORMAT").map(|v| v == "json").unwrap_or(false);
+    let json = std::env::var("LOG_FORMAT")
+        .map(|v| v == "json")
+        .unwrap_or(false);
     let registry = tracing_subscriber::registry().with(filter).with(otel);
     if json {
         registry
-            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
             .init();
     } else {
         registry

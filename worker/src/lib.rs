@@ -128,12 +128,20 @@ impl Worker {
         loop {
             let pending = self
                 .bus()
-                .claim_pending(partition, &self.id, self.processor.settings.worker_batch_size)
+                .claim_pending(
+                    partition,
+                    &self.id,
+                    self.processor.settings.worker_batch_size,
+                )
                 .await?;
             if pending.is_empty() {
                 return Ok(());
             }
-            tracing::info!(partition, count = pending.len(), "taking over pending entries");
+            tracing::info!(
+                partition,
+                count = pending.len(),
+                "taking over pending entries"
+            );
             metrics::counter!("worker_entries_taken_over_total").increment(pending.len() as u64);
             let mut todo = Vec::with_capacity(pending.len());
             for entry in pending {
@@ -185,7 +193,9 @@ impl Worker {
                     metrics::counter!("worker_batch_failures_total").increment(1);
                     tracing::warn!(error = %e, failures, "batch failed; retrying");
                     if entries.iter().any(|(p, _)| !self.leases.is_valid(*p)) {
-                        tracing::warn!("lease lost during retries; leaving the batch to the next owner");
+                        tracing::warn!(
+                            "lease lost during retries; leaving the batch to the next owner"
+                        );
                         return;
                     }
                     if failures >= max_attempts

@@ -9,7 +9,11 @@ use switchboard_worker::Worker;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "switchboard-worker", version, about = "Switchboard worker: persists, dedupes and fans out the writes of the gateways")]
+#[command(
+    name = "switchboard-worker",
+    version,
+    about = "Switchboard worker: persists, dedupes and fans out the writes of the gateways"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Cmd>,

@@ -193,7 +193,11 @@ impl Processor {
             v
         };
         if !unknown.is_empty() {
-            let max = self.store.max_seqs(&unknown).await.map_err(|e| transient(&e))?;
+            let max = self
+                .store
+                .max_seqs(&unknown)
+                .await
+                .map_err(|e| transient(&e))?;
             for (c, m) in max {
                 seqs.next.insert(c, m + 1);
             }
@@ -273,7 +277,10 @@ impl Processor {
             };
             if let Some(event) = created {
                 let bytes = protocol::encode(&event).map_err(|e| transient(&e))?;
-                publish.push((self.topics.channel(&item.msg.channel_id), Bytes::from(bytes)));
+                publish.push((
+                    self.topics.channel(&item.msg.channel_id),
+                    Bytes::from(bytes),
+                ));
             }
             let outcome = Outcome {
                 origin: item.env.origin.clone(),
@@ -303,7 +310,10 @@ impl Processor {
                 .push(item.entry_id.clone());
         }
         for (partition, ids) in acks {
-            self.bus.ack(partition, &ids).await.map_err(|e| transient(&e))?;
+            self.bus
+                .ack(partition, &ids)
+                .await
+                .map_err(|e| transient(&e))?;
         }
         metrics::counter!("worker_messages_persisted_total").increment(new_rows.len() as u64);
         Ok(items.len())

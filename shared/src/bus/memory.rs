@@ -12,9 +12,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{broadcast, Notify};
 
-use super::{
-    Bus, BusError, BusResult, DedupeClaim, PartitionBatch, StreamEntry, TopicMessage,
-};
+use super::{Bus, BusError, BusResult, DedupeClaim, PartitionBatch, StreamEntry, TopicMessage};
 
 #[derive(Default)]
 struct Partition {
@@ -206,12 +204,7 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
-    async fn dead_letter(
-        &self,
-        partition: u32,
-        entry: &StreamEntry,
-        error: &str,
-    ) -> BusResult<()> {
+    async fn dead_letter(&self, partition: u32, entry: &StreamEntry, error: &str) -> BusResult<()> {
         tracing::error!(partition, id = %entry.id, error, "entry moved to the dead letters");
         metrics::counter!("bus_dead_letters_total").increment(1);
         self.ack(partition, std::slice::from_ref(&entry.id)).await
@@ -234,7 +227,9 @@ impl Bus for MemoryBus {
             Some((o, exp)) => o == owner || *exp <= now,
         };
         if free {
-            state.leases.insert(partition, (owner.to_string(), now + ttl));
+            state
+                .leases
+                .insert(partition, (owner.to_string(), now + ttl));
         }
         Ok(free)
     }
@@ -263,7 +258,9 @@ impl Bus for MemoryBus {
         let mut state = self.lock();
         let now = Instant::now();
         state.workers.insert(worker.to_string(), now);
-        state.workers.retain(|_, seen| now.duration_since(*seen) < ttl);
+        state
+            .workers
+            .retain(|_, seen| now.duration_since(*seen) < ttl);
         Ok(state.workers.len().max(1))
     }
 
@@ -376,8 +373,14 @@ mod tests {
         let bus = MemoryBus::new(2);
         bus.append(0, Bytes::from_static(b"a")).await.expect("a");
         bus.append(0, Bytes::from_static(b"b")).await.expect("b");
-        assert!(matches!(bus.append(0, Bytes::from_static(b"c")).await, Err(BusError::Full)));
-        let batches = bus.read(&[0], "w", 10, Duration::from_millis(10)).await.expect("read");
+        assert!(matches!(
+            bus.append(0, Bytes::from_static(b"c")).await,
+            Err(BusError::Full)
+        ));
+        let batches = bus
+            .read(&[0], "w", 10, Duration::from_millis(10))
+            .await
+            .expect("read");
         assert_eq!(batches[0].entries.len(), 2);
         // Not acked: a takeover sees both again, with a second delivery.
         let pending = bus.claim_pending(0, "w2", 10).await.expect("claim");
@@ -391,9 +394,15 @@ mod tests {
     async fn dedupe_claims_are_set_nx_get() {
         let bus = MemoryBus::new(10);
         let ttl = Duration::from_secs(5);
-        let first = bus.claim_dedupe(&[("k".into(), "v1".into())], ttl).await.expect("claim");
+        let first = bus
+            .claim_dedupe(&[("k".into(), "v1".into())], ttl)
+            .await
+            .expect("claim");
         assert_eq!(first, vec![DedupeClaim::Claimed]);
-        let second = bus.claim_dedupe(&[("k".into(), "v2".into())], ttl).await.expect("claim");
+        let second = bus
+            .claim_dedupe(&[("k".into(), "v2".into())], ttl)
+            .await
+            .expect("claim");
         assert_eq!(second, vec![DedupeClaim::Existing("v1".into())]);
     }
 }

@@ -165,8 +165,7 @@ pub trait Bus: Send + Sync + 'static {
     async fn ack(&self, partition: u32, ids: &[String]) -> BusResult<()>;
 
     /// Moves an entry to the dead-letter stream with its error, and acks it.
-    async fn dead_letter(&self, partition: u32, entry: &StreamEntry, error: &str)
-        -> BusResult<()>;
+    async fn dead_letter(&self, partition: u32, entry: &StreamEntry, error: &str) -> BusResult<()>;
 
     /// Unacknowledged entries of a partition (for metrics and back-pressure).
     async fn backlog(&self, partition: u32) -> BusResult<u64>;

@@ -373,7 +373,10 @@ fn parse_entries(value: Value, deliveries: u64) -> Vec<StreamEntry> {
 impl Bus for RedisBus {
     async fn append(&self, partition: u32, payload: Bytes) -> BusResult<String> {
         let key = self.topics.stream(partition);
-        let res: Result<Option<String>, _> = self.run(&self.scripts.append, true,
+        let res: Result<Option<String>, _> = self
+            .run(
+                &self.scripts.append,
+                true,
                 vec![key.clone()],
                 vec![Value::from(self.max_len as i64), Value::Bytes(payload)],
             )
@@ -411,7 +414,11 @@ impl Bus for RedisBus {
         let mut out = Vec::new();
         let streams: Vec<(Value, Value)> = match value {
             Value::Null => Vec::new(),
-            Value::Map(map) => map.inner().into_iter().map(|(k, v)| (Value::from(k), v)).collect(),
+            Value::Map(map) => map
+                .inner()
+                .into_iter()
+                .map(|(k, v)| (Value::from(k), v))
+                .collect(),
             Value::Array(items) => items
                 .into_iter()
                 .filter_map(|s| {
@@ -460,11 +467,19 @@ impl Bus for RedisBus {
             .map_err(unavailable)?;
         let mut parts = reply.into_array().into_iter();
         let _cursor = parts.next();
-        let mut entries = parts.next().map(|v| parse_entries(v, 1)).unwrap_or_default();
+        let mut entries = parts
+            .next()
+            .map(|v| parse_entries(v, 1))
+            .unwrap_or_default();
         // Ids that were deleted while pending: nothing to process, just ack.
         let deleted: Vec<String> = parts
             .next()
-            .map(|v| v.into_array().into_iter().filter_map(|v| v.as_string()).collect())
+            .map(|v| {
+                v.into_array()
+                    .into_iter()
+                    .filter_map(|v| v.as_string())
+                    .collect()
+            })
             .unwrap_or_default();
         if !deleted.is_empty() {
             self.ack(partition, &deleted).await?;
@@ -513,18 +528,19 @@ impl Bus for RedisBus {
         let mut args: Vec<Value> = Vec::with_capacity(ids.len() + 1);
         args.push(GROUP.into());
         args.extend(ids.iter().map(|i| Value::from(i.as_str())));
-        let _: Value = self.run(&self.scripts.ack, false, vec![self.topics.stream(partition)], args)
+        let _: Value = self
+            .run(
+                &self.scripts.ack,
+                false,
+                vec![self.topics.stream(partition)],
+                args,
+            )
             .await
             .map_err(unavailable)?;
         Ok(())
     }
 
-    async fn dead_letter(
-        &self,
-        partition: u32,
-        entry: &StreamEntry,
-        error: &str,
-    ) -> BusResult<()> {
+    async fn dead_letter(&self, partition: u32, entry: &StreamEntry, error: &str) -> BusResult<()> {
         let _: Value = self
             .cmd
             .custom(
@@ -562,7 +578,10 @@ impl Bus for RedisBus {
     }
 
     async fn acquire_lease(&self, partition: u32, owner: &str, ttl: Duration) -> BusResult<bool> {
-        let n: i64 = self.run(&self.scripts.acquire, false,
+        let n: i64 = self
+            .run(
+                &self.scripts.acquire,
+                false,
                 vec![self.topics.lease(partition)],
                 vec![Value::from(owner), Value::from(ttl.as_millis() as i64)],
             )
@@ -572,7 +591,10 @@ impl Bus for RedisBus {
     }
 
     async fn renew_lease(&self, partition: u32, owner: &str, ttl: Duration) -> BusResult<bool> {
-        let n: i64 = self.run(&self.scripts.renew, false,
+        let n: i64 = self
+            .run(
+                &self.scripts.renew,
+                false,
                 vec![self.topics.lease(partition)],
                 vec![Value::from(owner), Value::from(ttl.as_millis() as i64)],
             )
@@ -582,7 +604,10 @@ impl Bus for RedisBus {
     }
 
     async fn release_lease(&self, partition: u32, owner: &str) -> BusResult<()> {
-        let _: i64 = self.run(&self.scripts.release, false,
+        let _: i64 = self
+            .run(
+                &self.scripts.release,
+                false,
                 vec![self.topics.lease(partition)],
                 vec![Value::from(owner)],
             )
@@ -592,7 +617,10 @@ impl Bus for RedisBus {
     }
 
     async fn heartbeat(&self, worker: &str, ttl: Duration) -> BusResult<usize> {
-        let n: i64 = self.run(&self.scripts.heartbeat, false,
+        let n: i64 = self
+            .run(
+                &self.scripts.heartbeat,
+                false,
                 vec![self.topics.workers()],
                 vec![Value::from(worker), Value::from(ttl.as_millis() as i64)],
             )
@@ -624,7 +652,8 @@ impl Bus for RedisBus {
         let keys: Vec<String> = claims.iter().map(|(k, _)| self.topics.dedupe(k)).collect();
         let mut args: Vec<Value> = vec![Value::from(ttl.as_millis() as i64)];
         args.extend(claims.iter().map(|(_, v)| Value::from(v.as_str())));
-        let reply: Value = self.run(&self.scripts.claim, false, keys, args)
+        let reply: Value = self
+            .run(&self.scripts.claim, false, keys, args)
             .await
             .map_err(unavailable)?;
         Ok(reply
@@ -653,14 +682,18 @@ impl Bus for RedisBus {
             Value::from(set.len() as i64),
         ];
         args.extend(set.iter().map(|(_, v)| Value::from(v.as_str())));
-        let _: Value = self.run(&self.scripts.settle, false, keys, args)
+        let _: Value = self
+            .run(&self.scripts.settle, false, keys, args)
             .await
             .map_err(unavailable)?;
         Ok(())
     }
 
     async fn count_in_window(&self, key: &str, window: Duration) -> BusResult<u64> {
-        let n: i64 = self.run(&self.scripts.count, false,
+        let n: i64 = self
+            .run(
+                &self.scripts.count,
+                false,
                 vec![self.topics.counter(key)],
                 vec![Value::from(window.as_millis() as i64)],
             )
@@ -705,7 +738,10 @@ impl Bus for RedisBus {
         if topics.is_empty() {
             return Ok(());
         }
-        self.subscriber.unsubscribe(topics).await.map_err(unavailable)
+        self.subscriber
+            .unsubscribe(topics)
+            .await
+            .map_err(unavailable)
     }
 
     fn incoming(&self) -> broadcast::Receiver<TopicMessage> {

@@ -96,7 +96,9 @@ impl Store {
         // WAL lets history reads run beside the worker's writes.
         store
             .db
-            .execute_unprepared("PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;")
+            .execute_unprepared(
+                "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
+            )
             .await?;
         Ok(store)
     }
@@ -148,7 +150,11 @@ impl Store {
         })
         .on_conflict(
             OnConflict::column(user::Column::Id)
-                .update_columns([user::Column::Name, user::Column::ImageUrl, user::Column::UpdatedAt])
+                .update_columns([
+                    user::Column::Name,
+                    user::Column::ImageUrl,
+                    user::Column::UpdatedAt,
+                ])
                 .to_owned(),
         )
         .exec_without_returning(&self.db)
@@ -192,10 +198,12 @@ impl Store {
     }
 
     pub async fn is_member(&self, channel_id: Uuid, user_id: &str) -> Result<bool, DbErr> {
-        Ok(channel_member::Entity::find_by_id((channel_id, user_id.to_string()))
-            .one(&self.db)
-            .await?
-            .is_some())
+        Ok(
+            channel_member::Entity::find_by_id((channel_id, user_id.to_string()))
+                .one(&self.db)
+                .await?
+                .is_some(),
+        )
     }
 
     /// Creates a channel owned by `owner`, who becomes its first member.
@@ -250,9 +258,12 @@ impl Store {
             Utc::now(),
         ))
         .on_conflict(
-            OnConflict::columns([channel_member::Column::ChannelId, channel_member::Column::UserId])
-                .do_nothing()
-                .to_owned(),
+            OnConflict::columns([
+                channel_member::Column::ChannelId,
+                channel_member::Column::UserId,
+            ])
+            .do_nothing()
+            .to_owned(),
         )
         .exec_without_returning(&txn)
         .await?;
@@ -350,7 +361,10 @@ impl Store {
             .all(&self.db)
             .await?
         {
-            reactions.entry(r.message_id).or_default().push(reaction_view(&r));
+            reactions
+                .entry(r.message_id)
+                .or_default()
+                .push(reaction_view(&r));
         }
         Ok(rows
             .into_iter()
@@ -472,7 +486,9 @@ pub fn message_view(m: &message::Model, author: Option<&user::Model>) -> Message
         updated_at: iso(m.updated_at),
         user: UserView {
             id: m.user_id.clone(),
-            name: author.map(|a| a.name.clone()).unwrap_or_else(|| m.user_id.clone()),
+            name: author
+                .map(|a| a.name.clone())
+                .unwrap_or_else(|| m.user_id.clone()),
             image_url: author.and_then(|a| a.image_url.clone()),
         },
     }

@@ -1,0 +1,307 @@
+//! The REST API (CONTRACT §6) and the operations endpoints (§8).
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequestParts, Path, Query, State};
+use axum::http::request::Parts;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use metrics_exporter_prometheus::PrometheusHandle;
+use serde::Deserialize;
+use serde_json::json;
+use switchboard_shared::store::AddMember;
+use uuid::Uuid;
+
+use crate::auth::Identity;
+use crate::socket::membership;
+use crate::state::App;
+
+/// A JSON error `{error}` with its status.
+pub struct ApiError(StatusCode, String);
+
+impl ApiError {
+    fn new(status: StatusCode, msg: impl Into<String>) -> Self {
+        Self(status, msg.into())
+    }
+    fn internal(e: impl std::fmt::Display) -> Self {
+        tracing::warn!(error = %e, "REST request failed on a backend");
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Service temporarily unavailable",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(json!({"error": self.1}))).into_response()
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        let status = match r.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => StatusCode::PAYLOAD_TOO_LARGE,
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            _ => StatusCode::BAD_REQUEST,
+        };
+        Self::new(status, r.body_text())
+    }
+}
+
+/// The authenticated caller of a REST request (`Authorization: Bearer`).
+pub struct Caller(pub Identity);
+
+impl FromRequestParts<App> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        let unauthorized = || ApiError::new(StatusCode::UNAUTHORIZED, "User not authenticated");
+        let token = parts
+            .headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .ok_or_else(unauthorized)?;
+        let id = app.verifier.verify(token, None).await.map_err(|e| {
+            metrics::counter!("gateway_auth_failures_total", "reason" => e.label()).increment(1);
+            unauthorized()
+        })?;
+        app.store
+            .upsert_user(&id.id, &id.name, id.image_url.as_deref())
+            .await
+            .map_err(ApiError::internal)?;
+        Ok(Caller(id))
+    }
+}
+
+pub fn router(app: App, metrics: PrometheusHandle) -> Router {
+    Router::new()
+        .route("/api/channels", post(create_channel).get(list_channels))
+        .route("/api/channels/{id}/members", post(add_member))
+        .route("/api/channels/{id}/messages", get(history))
+        .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/readyz", get(readyz))
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        m.render(),
+                    )
+                }
+            }),
+        )
+        .with_state(app)
+}
+
+async fn readyz(State(app): State<App>) -> Response {
+    if app.is_draining() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "draining"})),
+        )
+            .into_response();
+    }
+    let bus = app.bus.ping().await;
+    let db = app.store.ping().await;
+    match (bus, db) {
+        (Ok(()), Ok(())) => Json(json!({"status": "ok"})).into_response(),
+        (bus, db) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "status": "unavailable",
+                "bus": bus.err().map(|e| e.to_string()),
+                "database": db.err().map(|e| e.to_string()),
+            })),
+        )
+            .into_response(),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewChannel {
+    name: serde_json::Value,
+    #[serde(default)]
+    is_private: Option<bool>,
+}
+
+/// Longest channel name, in characters.
+const MAX_CHANNEL_NAME: usize = 80;
+
+async fn create_channel(
+    State(app): State<App>,
+    Caller(caller): Caller,
+    body: Result<Json<NewChannel>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let Json(body) = body?;
+    let name = body
+        .name
+        .as_str()
+        .map(str::trim)
+        .filter(|n| !n.is_empty())
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "name must be a non-empty string"))?;
+    if name.chars().count() > MAX_CHANNEL_NAME {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("name is too long (at most {MAX_CHANNEL_NAME} characters)"),
+        ));
+    }
+    let view = app
+        .store
+        .create_channel(name, body.is_private.unwrap_or(false), &caller.id)
+        .await
+        .map_err(ApiError::internal)?;
+    if let Ok(id) = Uuid::parse_str(&view.id) {
+        membership::announce(&app, &caller.id, id).await;
+    }
+    Ok((StatusCode::CREATED, Json(view)).into_response())
+}
+
+async fn list_channels(
+    State(app): State<App>,
+    Caller(caller): Caller,
+) -> Result<Response, ApiError> {
+    let list = app
+        .store
+        .list_channels(&caller.id)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(list).into_response())
+}
+
+fn parse_channel_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::new(StatusCode::NOT_FOUND, "Channel not found"))
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct NewMember {
+    user_id: serde_json::Value,
+}
+
+async fn add_member(
+    State(app): State<App>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    body: Result<Json<NewMember>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let channel_id = parse_channel_id(&id)?;
+    let Json(body) = body?;
+    let user_id = body
+        .user_id
+        .as_str()
+        .map(str::trim)
+        .filter(|u| !u.is_empty() && u.len() <= 255)
+        .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "userId must be a non-empty string"))?
+        .to_string();
+    let channel = app
+        .store
+        .channel(channel_id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "Channel not found"))?;
+    let allowed = if channel.is_private {
+        channel.owner_id == caller.id
+    } else {
+        app.store
+            .is_member(channel_id, &caller.id)
+            .await
+            .map_err(ApiError::internal)?
+    };
+    if !allowed {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            if channel.is_private {
+                "Only the owner can add members to a private channel"
+            } else {
+                "Only members can add members to this channel"
+            },
+        ));
+    }
+    match app
+        .store
+        .add_member(channel_id, &user_id, Some(&caller.id))
+        .await
+        .map_err(ApiError::internal)?
+    {
+        AddMember::AlreadyMember => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "User is already a member",
+        )),
+        AddMember::Added => {
+            membership::announce(&app, &user_id, channel_id).await;
+            Ok((
+                StatusCode::CREATED,
+                Json(json!({"channelId": channel_id.to_string(), "userId": user_id, "role": "member"})),
+            )
+                .into_response())
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct HistoryQuery {
+    before: Option<String>,
+    limit: Option<String>,
+}
+
+/// Largest history page.
+const MAX_HISTORY_LIMIT: u64 = 100;
+
+async fn history(
+    State(app): State<App>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> Result<Response, ApiError> {
+    let channel_id = parse_channel_id(&id)?;
+    let limit = match q.limit.as_deref() {
+        None | Some("") => app.settings.history_default_limit,
+        Some(l) => match l.parse::<u64>() {
+            Ok(n) if (1..=MAX_HISTORY_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("limit must be an integer from 1 to {MAX_HISTORY_LIMIT}"),
+                ))
+            }
+        },
+    };
+    let before =
+        match q.before.as_deref() {
+            None | Some("") => None,
+            Some(b) => Some(Uuid::parse_str(b).map_err(|_| {
+                ApiError::new(StatusCode::BAD_REQUEST, "before must be a message id")
+            })?),
+        };
+    if app
+        .store
+        .channel(channel_id)
+        .await
+        .map_err(ApiError::internal)?
+        .is_none()
+    {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "Channel not found"));
+    }
+    if !app
+        .store
+        .is_member(channel_id, &caller.id)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "You are not a member of this channel",
+        ));
+    }
+    let page = app
+        .store
+        .history(channel_id, before, limit)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(page).into_response())
+}

@@ -1,0 +1,202 @@
+//! Assembles a gateway node: backends, Socket.IO, REST, fan-out, the
+//! embedded worker, and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::DefaultBodyLimit;
+use axum::http::{HeaderValue, Method, Request, Uri};
+use socketioxide::SocketIo;
+use switchboard_shared::backends::Backends;
+use switchboard_shared::config::Settings;
+use switchboard_shared::protocol::events;
+use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::auth::Verifier;
+use crate::state::{App, AppState, NAMESPACES};
+use crate::{fanout, rest, socket};
+
+/// How long an answered-never write is remembered (see [`crate::pending`]).
+const PENDING_MAX_AGE: Duration = Duration::from_secs(300);
+
+/// The seed's URL read as an Engine.IO path (`/api/socket.io/`) is served by
+/// the same Socket.IO server as the default path (`/socket.io/`), so both
+/// readings share sockets, rooms and fan-out: requests are rewritten.
+fn rewrite_engine_path<B>(mut req: Request<B>) -> Request<B> {
+    let path = req.uri().path();
+    if let Some(rest) = path.strip_prefix("/api/socket.io") {
+        if rest.is_empty() || rest.starts_with('/') {
+            let mut new = format!("/socket.io{}", if rest.is_empty() { "/" } else { rest });
+            if let Some(q) = req.uri().query() {
+                new.push('?');
+                new.push_str(q);
+            }
+            if let Ok(uri) = new.parse::<Uri>() {
+                *req.uri_mut() = uri;
+            }
+        }
+    }
+    req
+}
+
+fn cors(settings: &Settings) -> Option<CorsLayer> {
+    let origins: Vec<HeaderValue> = settings
+        .cors_origin_list()
+        .iter()
+        .filter_map(|o| HeaderValue::from_str(o).ok())
+        .collect();
+    if origins.is_empty() {
+        return None;
+    }
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([
+                axum::http::header::AUTHORIZATION,
+                axum::http::header::CONTENT_TYPE,
+            ])
+            .allow_credentials(true),
+    )
+}
+
+pub async fn serve(mut settings: Settings) -> anyhow::Result<()> {
+    let metrics = switchboard_shared::telemetry::init_metrics()?;
+    let backends = Backends::connect(&settings).await?;
+    if backends.embedded {
+        crate::embedded::prepare(&mut settings)?;
+    }
+    let node_id = settings
+        .node_id
+        .clone()
+        .unwrap_or_else(|| format!("gw-{}", uuid::Uuid::now_v7().simple()));
+    let verifier = Verifier::from_settings(&settings)?;
+    verifier.warm_up().await;
+
+    let (layer, io) = SocketIo::builder()
+        .ping_interval(settings.ping_interval())
+        .ping_timeout(settings.ping_timeout())
+        .connect_timeout(settings.connect_timeout())
+        .max_payload(settings.max_payload_bytes)
+        .max_buffer_size(1024)
+        .build_layer();
+    let app: App = Arc::new(AppState::new(
+        settings.clone(),
+        node_id.clone(),
+        backends.bus.clone(),
+        backends.store.clone(),
+        verifier,
+        io.clone(),
+        backends.embedded,
+    ));
+    socket::register(&app);
+    let dispatcher = fanout::start(app.clone()).await?;
+
+    let worker_cancel = CancellationToken::new();
+    let worker = backends.embedded.then(|| {
+        let w = switchboard_worker::Worker::new(&backends, &settings);
+        tokio::spawn(w.run(worker_cancel.clone()))
+    });
+
+    let sweeper_app = app.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(30));
+        loop {
+            tick.tick().await;
+            sweeper_app.pending.sweep(PENDING_MAX_AGE);
+        }
+    });
+
+    let mut router =
+        rest::router(app.clone(), metrics).layer(DefaultBodyLimit::max(settings.rest_body_limit));
+    if backends.embedded || settings.auth_dev_secret.is_some() {
+        router = router.merge(crate::demo::router());
+    }
+    let mut router = router
+        .layer(layer)
+        .layer(tower::util::MapRequestLayer::new(rewrite_engine_path));
+    if let Some(cors) = cors(&settings) {
+        router = router.layer(cors);
+    }
+
+    let addr: SocketAddr = format!("{}:{}", settings.host, settings.port).parse()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let local = listener.local_addr()?;
+    tracing::info!(node = %node_id, %local, embedded = backends.embedded, "gateway listening");
+    if backends.embedded {
+        crate::embedded::print_banner(&settings, local);
+    }
+
+    let shutdown_app = app.clone();
+    axum::serve(
+        listener,
+        router.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        drain(&shutdown_app).await;
+    })
+    .await?;
+
+    worker_cancel.cancel();
+    if let Some(w) = worker {
+        let _ = w.await;
+    }
+    dispatcher.abort();
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+/// SIGTERM: refuse new work, tell sockets to reconnect elsewhere, wait for
+/// accepted writes to be answered (bounded by `DRAIN_TIMEOUT_MS`).
+async fn drain(app: &App) {
+    tracing::info!("draining: refusing new connections and writes");
+    app.start_draining();
+    for ns in NAMESPACES {
+        if let Some(op) = app.io.of(ns) {
+            let _ = op
+                .emit(
+                    events::SERVER_SHUTDOWN,
+                    &serde_json::json!({"reconnect": true}),
+                )
+                .await;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_millis(app.settings.drain_timeout_ms);
+    while !app.pending.is_empty() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    if !app.pending.is_empty() {
+        tracing::warn!(
+            pending = app.pending.len(),
+            "drain timeout: some writes are still unanswered (they are queued and will be persisted)"
+        );
+    }
+    for ns in NAMESPACES {
+        if let Some(op) = app.io.of(ns) {
+            let _ = op.disconnect().await;
+        }
+    }
+}
+
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

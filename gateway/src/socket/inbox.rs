@@ -1,0 +1,75 @@
+//! Per-socket inbox: the events of one socket are handled one at a time, in
+//! the order they arrived.
+//!
+//! socketioxide spawns a task per incoming event, and tasks spawned in a row
+//! may run in any order (tokio's LIFO slot even favours the newest). A chat
+//! needs one sender's messages persisted in the order sent, so the
+//! [`Enqueue`] extractor — which socketioxide runs synchronously, in arrival
+//! order, before spawning the handler — moves the event into a bounded
+//! channel read by one task per socket. A full inbox answers the event at
+//! once with an error instead of buffering without bound.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+
+use socketioxide::adapter::LocalAdapter;
+use socketioxide::extract::{AckSender, Event, TryData};
+use socketioxide::handler::{FromMessageParts, Value};
+use socketioxide::socket::Socket;
+use tokio::sync::mpsc;
+
+/// One event waiting to be handled.
+pub struct Inbound {
+    pub event: String,
+    /// The payload, or `None` when it was not valid JSON.
+    pub data: Option<serde_json::Value>,
+    pub ack: AckSender,
+}
+
+/// The sending side of a socket's inbox, kept in the socket's extensions.
+#[derive(Clone)]
+pub struct InboxTx(pub mpsc::Sender<Inbound>);
+
+/// Extractor whose only job is to enqueue the event, synchronously.
+pub struct Enqueue;
+
+impl FromMessageParts<LocalAdapter> for Enqueue {
+    type Error = Infallible;
+
+    fn from_message_parts(
+        s: &Arc<Socket<LocalAdapter>>,
+        v: &mut Value,
+        ack_id: &Option<i64>,
+    ) -> Result<Self, Infallible> {
+        let event = Event::from_message_parts(s, v, ack_id)
+            .map(|e| e.0)
+            .unwrap_or_default();
+        let Ok(TryData(data)) = TryData::<serde_json::Value>::from_message_parts(s, v, ack_id);
+        let Ok(ack) = AckSender::from_message_parts(s, v, ack_id);
+        let Some(InboxTx(tx)) = s.extensions.get::<InboxTx>() else {
+            // Not authenticated: no inbox, the event is dropped (CONTRACT §2).
+            return Ok(Enqueue);
+        };
+        let inbound = Inbound {
+            event,
+            data: data.ok(),
+            ack,
+        };
+        if let Err(mpsc::error::TrySendError::Full(inbound)) = tx.try_send(inbound) {
+            metrics::counter!("gateway_inbox_full_total").increment(1);
+            let _ = inbound.ack.send(&serde_json::json!({
+                "ok": false,
+                "status": "FAILED",
+                "error": "Too many events in flight on this connection, slow down",
+            }));
+            let _ = s.emit(
+                switchboard_shared::protocol::events::MESSAGE_FAILED,
+                &switchboard_shared::protocol::MessageFailed::new(
+                    "Too many events in flight on this connection, slow down",
+                    None,
+                ),
+            );
+        }
+        Ok(Enqueue)
+    }
+}

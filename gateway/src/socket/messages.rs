@@ -1,0 +1,188 @@
+//! `message:send`: validate, assign the id, append to the channel's stream
+//! partition, answer `SENT`. The worker's outcome comes back through
+//! [`crate::pending`].
+
+use bytes::Bytes;
+use chrono::Utc;
+use serde_json::Value;
+use socketioxide::extract::{AckSender, SocketRef};
+use switchboard_shared::bus::{partition_of, BusError};
+use switchboard_shared::protocol::{
+    self, events, iso, Author, Command, CommandEnvelope, DeliveryStatus, MessageDelivered,
+    MessageFailed, Origin, SendMessage,
+};
+use uuid::Uuid;
+
+use super::inbox::Inbound;
+use super::Session;
+use crate::state::App;
+
+/// A validated `message:send`.
+struct Draft {
+    channel_id: Uuid,
+    content: String,
+    temp_id: Option<String>,
+    reply_to_id: Option<Uuid>,
+}
+
+/// Checks a `message:send` payload (CONTRACT §4); the error is the client's
+/// `message:failed.error`.
+fn validate(app: &App, data: Option<&Value>) -> Result<Draft, String> {
+    let Some(Value::Object(obj)) = data else {
+        return Err("Invalid payload: expected an object {content, channelId, tempId?}".into());
+    };
+    let temp_id = match obj.get("tempId") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(t)) if t.chars().count() <= app.settings.max_temp_id_chars => {
+            Some(t.clone())
+        }
+        Some(Value::String(_)) => {
+            return Err(format!(
+                "tempId is too long (at most {} characters)",
+                app.settings.max_temp_id_chars
+            ))
+        }
+        Some(_) => return Err("tempId must be a string".into()),
+    };
+    let content = match obj.get("content") {
+        Some(Value::String(c)) => c,
+        Some(_) => return Err("content must be a string".into()),
+        None => return Err("content is required".into()),
+    };
+    if content.trim().is_empty() {
+        return Err("Message content cannot be empty".into());
+    }
+    let max = app.settings.max_content_chars;
+    if content.chars().count() > max {
+        return Err(format!(
+            "Message content is too long (at most {max} characters)"
+        ));
+    }
+    let channel_id = match obj.get("channelId") {
+        Some(Value::String(c)) => {
+            Uuid::parse_str(c).map_err(|_| "Channel not found".to_string())?
+        }
+        Some(_) => return Err("channelId must be a string".into()),
+        None => return Err("channelId is required".into()),
+    };
+    let reply_to_id = match obj.get("replyToId") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(r)) => {
+            Some(Uuid::parse_str(r).map_err(|_| "replyToId is not a message id".to_string())?)
+        }
+        Some(_) => return Err("replyToId must be a string".into()),
+    };
+    Ok(Draft {
+        channel_id,
+        content: content.clone(),
+        temp_id,
+        reply_to_id,
+    })
+}
+
+fn temp_id_of(data: Option<&Value>) -> Option<String> {
+    data.and_then(|d| d.get("tempId"))
+        .and_then(|t| t.as_str())
+        .map(String::from)
+}
+
+fn fail(s: &SocketRef, ack: AckSender, error: &str, temp_id: Option<String>) {
+    metrics::counter!("gateway_messages_failed_total").increment(1);
+    let _ = s.emit(events::MESSAGE_FAILED, &MessageFailed::new(error, temp_id));
+    let _ = ack.send(&serde_json::json!({"status": "FAILED", "error": error}));
+}
+
+pub async fn send(app: &App, s: &SocketRef, session: &Session, inbound: Inbound) {
+    let Inbound { data, ack, .. } = inbound;
+    let draft = match validate(app, data.as_ref()) {
+        Ok(d) => d,
+        Err(error) => return fail(s, ack, &error, temp_id_of(data.as_ref())),
+    };
+    if !session.is_member(&draft.channel_id) {
+        let error = match app.store.channel(draft.channel_id).await {
+            Ok(None) => "Channel not found",
+            _ => "You are not a member of this channel",
+        };
+        return fail(s, ack, error, draft.temp_id);
+    }
+    if app.is_draining() {
+        return fail(
+            s,
+            ack,
+            "Server is shutting down, please resend",
+            draft.temp_id,
+        );
+    }
+
+    let id = Uuid::now_v7();
+    let envelope = CommandEnvelope {
+        origin: Origin {
+            node: app.node_id.clone(),
+            ns: s.ns().to_string(),
+            sid: s.id.to_string(),
+        },
+        trace: switchboard_shared::telemetry::current_trace_context(),
+        command: Command::SendMessage(SendMessage {
+            id,
+            channel_id: draft.channel_id,
+            author: Author {
+                id: session.user.id.clone(),
+                name: session.user.name.clone(),
+                image_url: session.user.image_url.clone(),
+            },
+            content: draft.content,
+            temp_id: draft.temp_id.clone(),
+            reply_to_id: draft.reply_to_id,
+        }),
+    };
+    let bytes = match protocol::encode(&envelope) {
+        Ok(b) => Bytes::from(b),
+        Err(e) => {
+            return fail(
+                s,
+                ack,
+                &format!("Could not encode the message: {e}"),
+                draft.temp_id,
+            )
+        }
+    };
+    let partition = partition_of(&draft.channel_id, app.settings.stream_partitions);
+    app.pending.insert(id, s.clone(), Some(ack));
+    match app.bus.append(partition, bytes).await {
+        Ok(_) => {
+            metrics::counter!("gateway_messages_accepted_total").increment(1);
+            let _ = s.emit(
+                events::MESSAGE_DELIVERED,
+                &MessageDelivered {
+                    message_id: id.to_string(),
+                    temp_id: draft.temp_id,
+                    status: DeliveryStatus::Sent,
+                    processed: None,
+                    timestamp: iso(Utc::now()),
+                },
+            );
+            app.pending.mark_sent(&id);
+        }
+        Err(e) => {
+            let error = match e {
+                BusError::Full => "Server is busy, please retry later".to_string(),
+                other => {
+                    tracing::warn!(error = %other, "stream append failed");
+                    "Message queue unavailable, please retry".to_string()
+                }
+            };
+            if let Some(ack) = app.pending.abort(&id) {
+                fail(s, ack, &error, draft.temp_id);
+            }
+        }
+    }
+}
+
+/// Answer for events whose handling is not built yet.
+pub fn not_yet(s: &SocketRef, inbound: Inbound, error_event: &str) {
+    let error = "Not supported yet";
+    let _ = s.emit(error_event, &serde_json::json!({"error": error}));
+    let _ = inbound
+        .ack
+        .send(&serde_json::json!({"ok": false, "error": error}));
+}

@@ -1,0 +1,272 @@
+//! The Socket.IO side of a gateway: handshake authentication, the
+//! per-socket session, and the event handlers.
+//!
+//! Life of a socket:
+//! 1. [`authenticate`] runs as namespace middleware, *before* socketioxide
+//!    sends the client its `connect` packet: it verifies the token, upserts
+//!    the user, loads their channels, subscribes this node to those channels
+//!    (awaiting Redis' confirmation), joins the rooms, opens the inbox and
+//!    registers the event handlers. So an event the client emits right after
+//!    `connect` is queued, never lost, and no channel event published after
+//!    `connect` is missed. A failure is remembered, not returned, because the
+//!    contract wants a `connection:error` event, which middleware cannot emit.
+//! 2. [`on_connect`] then emits `connection:success`, or `connection:error`
+//!    and disconnects; a rejected socket has no handlers and no inbox.
+//! 3. The inbox task ([`inbox`]) handles its events one by one.
+//! 4. On disconnect the channel subscriptions are released.
+
+pub mod inbox;
+pub mod membership;
+pub mod messages;
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::ConnectInfo;
+use socketioxide::extract::{SocketRef, TryData};
+use socketioxide::handler::ConnectHandler;
+use switchboard_shared::protocol::{errors, events, ConnectionError, ConnectionSuccess};
+use tokio::sync::mpsc;
+use uuid::Uuid;
+
+use crate::auth::{AuthError, Identity};
+use crate::state::{channel_room, user_room, App, NAMESPACES};
+use inbox::{Enqueue, Inbound, InboxTx};
+
+/// Events a client may send; anything else is ignored.
+const CLIENT_EVENTS: [&str; 5] = [
+    events::MESSAGE_SEND,
+    events::MESSAGE_READ,
+    events::REACTION_ADD,
+    events::REACTION_REMOVE,
+    events::CHANNEL_JOIN,
+];
+
+/// An authenticated socket's state, in its extensions.
+pub struct Session {
+    pub user: Identity,
+    /// Channels this socket is in (and holds a subscription reference for).
+    pub channels: Mutex<HashSet<Uuid>>,
+}
+
+impl Session {
+    pub fn is_member(&self, channel: &Uuid) -> bool {
+        self.channels
+            .lock()
+            .map(|c| c.contains(channel))
+            .unwrap_or(false)
+    }
+
+    fn channel_list(&self) -> Vec<Uuid> {
+        self.channels
+            .lock()
+            .map(|c| c.iter().copied().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// What the middleware decided, for the connect handler.
+#[derive(Clone)]
+enum Handshake {
+    Accepted(Arc<Session>, Vec<String>),
+    Refused {
+        attempt: u64,
+        reason: &'static str,
+        error: &'static str,
+    },
+}
+
+/// Registers both namespaces with the same handlers.
+pub fn register(app: &App) {
+    for ns in NAMESPACES {
+        let on_connect_app = app.clone();
+        let auth_app = app.clone();
+        app.io.ns(
+            ns,
+            (move |s: SocketRef| on_connect(on_connect_app.clone(), s)).with(
+                move |s: SocketRef, auth: TryData<serde_json::Value>| {
+                    authenticate(auth_app.clone(), s, auth.0.ok())
+                },
+            ),
+        );
+    }
+}
+
+/// The client address failed attempts are counted by.
+fn client_address(s: &SocketRef) -> String {
+    s.req_parts()
+        .extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip().to_string())
+        .unwrap_or_else(|| "unknown".into())
+}
+
+async fn authenticate(
+    app: App,
+    s: SocketRef,
+    auth: Option<serde_json::Value>,
+) -> Result<(), std::convert::Infallible> {
+    let outcome = match handshake(&app, &s, auth).await {
+        Ok(h) => h,
+        Err(refused) => refused,
+    };
+    s.extensions.insert(outcome);
+    Ok(())
+}
+
+async fn handshake(
+    app: &App,
+    s: &SocketRef,
+    auth: Option<serde_json::Value>,
+) -> Result<Handshake, Handshake> {
+    let addr = client_address(s);
+    let fail_key = format!("authfail:{addr}");
+    let window = Duration::from_secs(app.settings.auth_fail_window_s);
+    let refuse = |attempt: u64| Handshake::Refused {
+        attempt,
+        reason: "auth_error",
+        error: errors::NOT_AUTHENTICATED,
+    };
+
+    // Brute-force protection: past the threshold, fail without verifying.
+    let failures = app.bus.read_counter(&fail_key).await.unwrap_or(0);
+    let verdict: Result<Identity, AuthError> = if failures >= app.settings.auth_fail_threshold {
+        Err(AuthError::Throttled)
+    } else {
+        let token = auth
+            .as_ref()
+            .and_then(|a| a.get("token"))
+            .and_then(|t| t.as_str())
+            .unwrap_or_default();
+        let user_id = auth
+            .as_ref()
+            .and_then(|a| a.get("userId"))
+            .and_then(|u| u.as_str());
+        match user_id {
+            None => Err(AuthError::Missing),
+            Some(uid) => app.verifier.verify(token, Some(uid)).await,
+        }
+    };
+    let user = match verdict {
+        Ok(user) => user,
+        Err(e) => {
+            metrics::counter!("gateway_auth_failures_total", "reason" => e.label()).increment(1);
+            tracing::info!(%addr, reason = %e, "handshake refused");
+            let attempt = app
+                .bus
+                .count_in_window(&fail_key, window)
+                .await
+                .unwrap_or(failures + 1);
+            return Err(refuse(attempt));
+        }
+    };
+
+    let unavailable = |e: &dyn std::fmt::Display| {
+        tracing::warn!(error = %e, "handshake failed on a backend");
+        Handshake::Refused {
+            attempt: 0,
+            reason: "server_error",
+            error: "Service temporarily unavailable",
+        }
+    };
+    app.store
+        .upsert_user(&user.id, &user.name, user.image_url.as_deref())
+        .await
+        .map_err(|e| unavailable(&e))?;
+    let channels = app
+        .store
+        .channels_of(&user.id, app.settings.max_channels_per_user)
+        .await
+        .map_err(|e| unavailable(&e))?;
+    app.subscriptions
+        .retain(&channels)
+        .await
+        .map_err(|e| unavailable(&e))?;
+
+    let mut rooms: Vec<String> = channels.iter().map(channel_room).collect();
+    rooms.push(user_room(&user.id));
+    s.join(rooms);
+    let session = Arc::new(Session {
+        user,
+        channels: Mutex::new(channels.iter().copied().collect()),
+    });
+    open_inbox(app, s, session.clone());
+    Ok(Handshake::Accepted(
+        session,
+        channels.iter().map(Uuid::to_string).collect(),
+    ))
+}
+
+/// Creates the socket's inbox and its task, and routes client events to it.
+fn open_inbox(app: &App, s: &SocketRef, session: Arc<Session>) {
+    let (tx, rx) = mpsc::channel::<Inbound>(app.settings.socket_inbox_capacity);
+    s.extensions.insert(InboxTx(tx));
+    s.extensions.insert(session.clone());
+    for event in CLIENT_EVENTS {
+        s.on(event, async |_: Enqueue| {});
+    }
+    let disconnect_app = app.clone();
+    let disconnect_session = session.clone();
+    s.on_disconnect(move |s: SocketRef| async move {
+        // Dropping the sender ends the inbox task once it drained.
+        s.extensions.remove::<InboxTx>();
+        disconnect_app
+            .subscriptions
+            .release(&disconnect_session.channel_list())
+            .await;
+        metrics::gauge!("gateway_sockets_connected").decrement(1.0);
+    });
+    tokio::spawn(run_inbox(app.clone(), s.clone(), session, rx));
+    metrics::gauge!("gateway_sockets_connected").increment(1.0);
+}
+
+async fn run_inbox(app: App, s: SocketRef, session: Arc<Session>, mut rx: mpsc::Receiver<Inbound>) {
+    while let Some(inbound) = rx.recv().await {
+        match inbound.event.as_str() {
+            events::MESSAGE_SEND => messages::send(&app, &s, &session, inbound).await,
+            events::CHANNEL_JOIN => membership::join(&app, &s, &session, inbound).await,
+            events::MESSAGE_READ => messages::not_yet(&s, inbound, events::MESSAGE_ERROR),
+            events::REACTION_ADD | events::REACTION_REMOVE => {
+                messages::not_yet(&s, inbound, events::REACTION_ERROR)
+            }
+            _ => {}
+        }
+    }
+}
+
+async fn on_connect(app: App, s: SocketRef) {
+    match s.extensions.get::<Handshake>() {
+        Some(Handshake::Accepted(session, channels)) => {
+            let _ = s.emit(
+                events::CONNECTION_SUCCESS,
+                &ConnectionSuccess {
+                    user_id: session.user.id.clone(),
+                    channels,
+                },
+            );
+            if app.is_draining() {
+                let _ = s.disconnect();
+            }
+        }
+        Some(Handshake::Refused {
+            attempt,
+            reason,
+            error,
+        }) => {
+            let _ = s.emit(
+                events::CONNECTION_ERROR,
+                &ConnectionError {
+                    error: error.to_string(),
+                    reason: reason.to_string(),
+                    reconnect_attempt: attempt,
+                },
+            );
+            let _ = s.disconnect();
+        }
+        None => {
+            let _ = s.disconnect();
+        }
+    }
+}

@@ -1,0 +1,79 @@
+//! The state every handler of a gateway node shares.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use socketioxide::SocketIo;
+use switchboard_shared::bus::{Bus, Topics};
+use switchboard_shared::config::Settings;
+use switchboard_shared::store::Store;
+
+use crate::auth::Verifier;
+use crate::fanout::Subscriptions;
+use crate::pending::Pending;
+
+/// Socket.IO namespaces served, with the same handlers (CONTRACT §1): the
+/// seed's URL read as a namespace, and the root namespace on the seed's path.
+pub const NAMESPACES: [&str; 2] = ["/", "/api/socket.io"];
+
+pub struct AppState {
+    pub settings: Settings,
+    pub node_id: String,
+    pub bus: Arc<dyn Bus>,
+    pub store: Store,
+    pub topics: Topics,
+    pub verifier: Verifier,
+    pub subscriptions: Subscriptions,
+    pub pending: Pending,
+    pub io: SocketIo,
+    pub embedded: bool,
+    draining: AtomicBool,
+}
+
+pub type App = Arc<AppState>;
+
+impl AppState {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: Settings,
+        node_id: String,
+        bus: Arc<dyn Bus>,
+        store: Store,
+        verifier: Verifier,
+        io: SocketIo,
+        embedded: bool,
+    ) -> Self {
+        let topics = Topics::new(&settings.redis_prefix);
+        Self {
+            subscriptions: Subscriptions::new(bus.clone(), topics.clone()),
+            pending: Pending::default(),
+            settings,
+            node_id,
+            bus,
+            store,
+            topics,
+            verifier,
+            io,
+            embedded,
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
+    }
+
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Room of a channel's sockets.
+pub fn channel_room(id: &uuid::Uuid) -> String {
+    format!("ch:{id}")
+}
+
+/// Room of all sockets of one user on this node.
+pub fn user_room(user_id: &str) -> String {
+    format!("u:{user_id}")
+}

@@ -1,0 +1,898 @@
+// Test harness of the Switchboard integration suite.
+//
+// It starts real gateway and worker processes (built beforehand by cargo),
+// gives each test file its own PostgreSQL database and Redis key prefix,
+// serves a JWKS for the gateways to verify hand-minted RS256 tokens against,
+// and offers small helpers around socket.io-client and fetch.
+//
+//   MODE=cluster   (default) N gateways + M workers on PostgreSQL and Redis
+//   MODE=embedded  one gateway process with its in-process bus and SQLite
+//   SWITCHBOARD_BIN_DIR  where switchboard-gateway / switchboard-worker live
+//                        (default: ../../target/debug relative to tests/js)
+//
+// Output stays quiet while tests pass; when one fails, the tail of every
+// process's stdout/stderr is printed (see useCluster).
+
+import { spawn, spawnSync, execFile } from 'node:child_process';
+import crypto from 'node:crypto';
+import fs from 'node:fs';
+import http from 'node:http';
+import net from 'node:net';
+import os from 'node:os';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+import { after, afterEach, before } from 'node:test';
+import { io } from 'socket.io-client';
+
+const HERE = path.dirname(fileURLToPath(import.meta.url));
+const PKG_DIR = path.resolve(HERE, '..');
+
+export const MODE = process.env.MODE === 'embedded' ? 'embedded' : 'cluster';
+export const BIN_DIR = path.resolve(PKG_DIR, process.env.SWITCHBOARD_BIN_DIR || '../../target/debug');
+export const GATEWAY_BIN = path.join(BIN_DIR, 'switchboard-gateway');
+export const WORKER_BIN = path.join(BIN_DIR, 'switchboard-worker');
+
+const PG_HOST = '127.0.0.1';
+const PG_PORT = 5432;
+const PG_USER = 'postgres';
+const REDIS_HOST = '127.0.0.1';
+const REDIS_PORT = 6379;
+const REDIS_URL = `redis://${REDIS_HOST}:${REDIS_PORT}`;
+
+/** Issuer and authorized party every gateway is configured with. */
+export const ISSUER = 'https://clerk.test';
+export const AUTHORIZED_PARTY = 'http://localhost:3000';
+
+/** The Socket.IO path / namespace of the contract (§1). */
+export const SIO_PATH = '/api/socket.io';
+
+const READY_TIMEOUT_MS = 30_000;
+const STOP_GRACE_MS = 5_000;
+
+// ---------------------------------------------------------------------------
+// Small utilities
+// ---------------------------------------------------------------------------
+
+export const sleep = (ms) => new Promise((resolve) => setTimeout(resolve, ms));
+
+/** Lowercase hex of `bytes` random bytes. */
+export const randomHex = (bytes = 6) => crypto.randomBytes(bytes).toString('hex');
+
+/** A fresh user id in Clerk's style (`user_...`), unique per call. */
+export const uid = (label = 'u') => `user_${label}_${randomHex(6)}`;
+
+/** Any RFC 4122 UUID, and the time-ordered version 7 the gateway assigns. */
+export const UUID_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$/i;
+export const UUID_V7_RE = /^[0-9a-f]{8}-[0-9a-f]{4}-7[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/i;
+/** An ISO 8601 timestamp with date and time (what `toISOString` and chrono produce). */
+export const ISO_RE = /^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$/;
+
+function execFileP(file, args, options = {}) {
+  return new Promise((resolve, reject) => {
+    execFile(file, args, { maxBuffer: 16 * 1024 * 1024, ...options }, (err, stdout, stderr) => {
+      if (err) {
+        err.stdout = stdout;
+        err.stderr = stderr;
+        reject(err);
+      } else resolve({ stdout, stderr });
+    });
+  });
+}
+
+/** A port that was free a moment ago on 127.0.0.1. */
+export function freePort() {
+  return new Promise((resolve, reject) => {
+    const srv = net.createServer();
+    srv.unref();
+    srv.on('error', reject);
+    srv.listen(0, '127.0.0.1', () => {
+      const { port } = srv.address();
+      srv.close(() => resolve(port));
+    });
+  });
+}
+
+// ---------------------------------------------------------------------------
+// PostgreSQL and Redis housekeeping (through the psql and redis-cli clients)
+// ---------------------------------------------------------------------------
+
+const PSQL_ARGS = ['-h', PG_HOST, '-p', String(PG_PORT), '-U', PG_USER, '-d', 'postgres', '-v', 'ON_ERROR_STOP=1', '-qAtc'];
+
+async function psql(sql) {
+  try {
+    return (await execFileP('psql', [...PSQL_ARGS, sql], { timeout: 30_000 })).stdout;
+  } catch (e) {
+    throw new Error(`psql failed (${sql}): ${e.stderr || e.message}`);
+  }
+}
+
+function redisCleanupCommand(prefix) {
+  // The prefix ends in a fixed-length random id, so `<prefix>*` matches only this run's keys.
+  const cli = `redis-cli -h ${REDIS_HOST} -p ${REDIS_PORT}`;
+  return `${cli} --scan --pattern '${prefix}*' | xargs -r -n 500 ${cli} del > /dev/null`;
+}
+
+// ---------------------------------------------------------------------------
+// Authentication: RSA keys, a JWKS server and hand-minted JWTs
+// ---------------------------------------------------------------------------
+
+function newRsaKey() {
+  const { publicKey, privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
+  return { kid: `test-${randomHex(6)}`, publicKey, privateKey };
+}
+
+/**
+ * The identity provider of the tests (a stand-in for Clerk).
+ *
+ * `auth.token(userId, opts)` mints a JWT; `auth.rotate()` publishes a new key
+ * and signs with it from then on (the old key stays published);
+ * `auth.unpublishedKey()` is a key the JWKS never lists.
+ */
+class TestAuth {
+  constructor() {
+    this.published = [];
+    this.current = null;
+    this.server = null;
+    this.jwksUrl = null;
+    this.fetchCount = 0;
+    this._foreign = null;
+    this._starting = null;
+  }
+
+  /** Creates the first key and starts the JWKS server (idempotent). */
+  start() {
+    if (!this._starting) {
+      this._starting = new Promise((resolve, reject) => {
+        if (!this.current) {
+          this.current = newRsaKey();
+          this.published.push(this.current);
+        }
+        this.server = http.createServer((req, res) => {
+          if (req.method === 'GET' && req.url.split('?')[0] === '/.well-known/jwks.json') {
+            this.fetchCount++;
+            const body = JSON.stringify(this.jwks());
+            res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
+            res.end(body);
+          } else {
+            res.writeHead(404, { 'content-type': 'application/json' });
+            res.end('{"error":"not found"}');
+          }
+        });
+        this.server.on('error', reject);
+        this.server.listen(0, '127.0.0.1', () => {
+          this.server.unref(); // never keeps the test process alive
+          this.jwksUrl = `http://127.0.0.1:${this.server.address().port}/.well-known/jwks.json`;
+          resolve(this);
+        });
+      });
+    }
+    return this._starting;
+  }
+
+  /** The JSON Web Key Set the server publishes. */
+  jwks() {
+    return {
+      keys: this.published.map((k) => ({ ...k.publicKey.export({ format: 'jwk' }), kid: k.kid, alg: 'RS256', use: 'sig' })),
+    };
+  }
+
+  /** Publishes a new key (new kid) and signs with it from now on. Returns the new kid. */
+  rotate() {
+    if (!this.current) this.start();
+    this.current = newRsaKey();
+    this.published.push(this.current);
+    return this.current.kid;
+  }
+
+  /** A key pair that is not (and will never be) in the JWKS. */
+  unpublishedKey() {
+    if (!this._foreign) this._foreign = newRsaKey();
+    return this._foreign;
+  }
+
+  /** Seconds since the epoch (the unit of exp/nbf/iat). */
+  now() {
+    return Math.floor(Date.now() / 1000);
+  }
+
+  /**
+   * Mints a JWT for `userId` (the `sub`).
+   *
+   * Options (a claim given as `null` is left out):
+   *   exp, nbf, iat   absolute epoch seconds (defaults now+60, now-1, now)
+   *   iss, azp        defaults ISSUER and AUTHORIZED_PARTY
+   *   name, image_url profile claims, absent unless given
+   *   claims          extra claims merged last
+   *   kid             header kid (default the current key's; null leaves it out)
+   *   alg             'RS256' (default), 'HS256' (with `secret`) or 'none'
+   *   key             private KeyObject to sign RS256 with (default the current key)
+   *   secret          HMAC secret for HS256
+   */
+  token(userId, opts = {}) {
+    if (!this.current) throw new Error('auth.start() has not run (startCluster calls it)');
+    const now = this.now();
+    const pick = (name, dflt) => (opts[name] === undefined ? dflt : opts[name]);
+    const alg = opts.alg || 'RS256';
+    const header = { alg, typ: 'JWT' };
+    const kid = pick('kid', this.current.kid);
+    if (kid !== null) header.kid = kid;
+    const claims = {
+      sub: userId,
+      iat: pick('iat', now),
+      nbf: pick('nbf', now - 1),
+      exp: pick('exp', now + 60),
+      iss: pick('iss', ISSUER),
+      azp: pick('azp', AUTHORIZED_PARTY),
+      name: pick('name', null),
+      image_url: pick('image_url', null),
+      ...(opts.claims || {}),
+    };
+    for (const k of Object.keys(claims)) if (claims[k] === null || claims[k] === undefined) delete claims[k];
+    const input = `${b64url(JSON.stringify(header))}.${b64url(JSON.stringify(claims))}`;
+    let signature;
+    if (alg === 'RS256') {
+      signature = crypto.sign('sha256', Buffer.from(input), opts.key || this.current.privateKey);
+    } else if (alg === 'HS256') {
+      if (opts.secret === undefined) throw new Error('HS256 needs a secret');
+      signature = crypto.createHmac('sha256', opts.secret).update(input).digest();
+    } else if (alg === 'none') {
+      signature = Buffer.alloc(0);
+    } else {
+      throw new Error(`unsupported alg ${alg}`);
+    }
+    return `${input}.${b64url(signature)}`;
+  }
+}
+
+function b64url(data) {
+  return Buffer.from(data).toString('base64url');
+}
+
+/** The identity provider of this test process (one RSA key pair per process). */
+export const auth = new TestAuth();
+
+// ---------------------------------------------------------------------------
+// Processes
+// ---------------------------------------------------------------------------
+
+/** Keeps the last `limit` lines a process printed. */
+class LogRing {
+  constructor(limit = 400) {
+    this.limit = limit;
+    this.lines = [];
+    this.partial = { out: '', err: '' };
+  }
+
+  push(stream, chunk) {
+    const text = this.partial[stream] + chunk.toString('utf8');
+    const parts = text.split('\n');
+    this.partial[stream] = parts.pop();
+    for (const line of parts) this.add(stream, line);
+  }
+
+  add(stream, line) {
+    this.lines.push(`${stream}| ${line}`);
+    if (this.lines.length > this.limit) this.lines.splice(0, this.lines.length - this.limit);
+  }
+
+  tail(n = 60) {
+    const rest = Object.entries(this.partial).filter(([, v]) => v).map(([s, v]) => `${s}| ${v}`);
+    return [...this.lines, ...rest].slice(-n).join('\n');
+  }
+}
+
+/** Variables of ours that must not leak from the runner's environment into a node. */
+const SCRUBBED_ENV = /^(PORT|HOST|NODE_ID|REDIS_URL|DATABASE_URL|REDIS_PREFIX|DATA_DIR|AUTH_.*|STREAM_.*|LEASE_.*|NODE_TEST_CONTEXT|NODE_OPTIONS)$/;
+
+function baseEnv() {
+  const env = {};
+  for (const [k, v] of Object.entries(process.env)) if (!SCRUBBED_ENV.test(k)) env[k] = v;
+  if (!env.RUST_LOG) env.RUST_LOG = 'warn,switchboard=info';
+  return env;
+}
+
+/** A child process with its output kept in a ring buffer. */
+class Proc {
+  constructor(name, file, args, env) {
+    this.name = name;
+    this.file = file;
+    this.env = env;
+    this.logs = new LogRing();
+    this.exit = null; // {code, signal} once exited
+    this.expectedExit = false; // set before we stop or kill it on purpose
+    this.child = spawn(file, args, { env, stdio: ['ignore', 'pipe', 'pipe'] });
+    this.pid = this.child.pid;
+    this.child.stdout.on('data', (d) => this.logs.push('out', d));
+    this.child.stderr.on('data', (d) => this.logs.push('err', d));
+    this.exited = new Promise((resolve) => {
+      this.child.on('error', (err) => {
+        this.logs.add('err', `spawn failed: ${err.message}` + (err.code === 'ENOENT' ? ` (build the binaries first: cargo build --bins)` : ''));
+        this.exit = this.exit || { code: null, signal: null, error: err.message };
+        resolve(this.exit);
+      });
+      this.child.on('exit', (code, signal) => {
+        this.exit = { code, signal };
+        resolve(this.exit);
+      });
+    });
+  }
+
+  get alive() {
+    return this.exit === null;
+  }
+
+  describeExit() {
+    if (!this.exit) return 'running';
+    if (this.exit.error) return this.exit.error;
+    return this.exit.signal ? `killed by ${this.exit.signal}` : `exited with code ${this.exit.code}`;
+  }
+
+  /** Sends `signal` and waits up to `graceMs` for the exit, then SIGKILLs. */
+  async stop(signal = 'SIGTERM', graceMs = STOP_GRACE_MS) {
+    this.expectedExit = true;
+    if (!this.alive) return { ...this.exit, forced: false };
+    this.child.kill(signal);
+    const timer = new Promise((resolve) => setTimeout(() => resolve('timeout'), graceMs));
+    const result = await Promise.race([this.exited, timer]);
+    if (result === 'timeout') {
+      this.child.kill('SIGKILL');
+      await this.exited;
+      return { ...this.exit, forced: true };
+    }
+    return { ...this.exit, forced: false };
+  }
+}
+
+async function waitReady(proc, url) {
+  const deadline = Date.now() + READY_TIMEOUT_MS;
+  let last = 'no answer';
+  while (Date.now() < deadline) {
+    if (!proc.alive) {
+      throw new Error(`${proc.name} ${proc.describeExit()} before it was ready (${url}/readyz); last output:\n${proc.logs.tail(40)}`);
+    }
+    try {
+      const res = await fetch(`${url}/readyz`, { signal: AbortSignal.timeout(1000) });
+      if (res.status === 200) return;
+      last = `HTTP ${res.status}: ${(await res.text()).slice(0, 200)}`;
+    } catch (e) {
+      last = e.cause?.code || e.message;
+    }
+    await sleep(100);
+  }
+  throw new Error(`${proc.name} not ready within ${READY_TIMEOUT_MS} ms (${url}/readyz: ${last}); last output:\n${proc.logs.tail(40)}`);
+}
+
+// ---------------------------------------------------------------------------
+// Clusters
+// ---------------------------------------------------------------------------
+
+/** Clusters that are running, cleaned up synchronously if the process exits early. */
+const running = new Set();
+
+/**
+ * Starts a fresh deployment.
+ *
+ * cluster mode: a new database `sbtest_<rand>` (migrated by `switchboard-worker
+ * migrate`), a new Redis prefix `sbtest:<rand>`, `gateways` gateway nodes and
+ * `workers` workers. embedded mode: one gateway on a fresh DATA_DIR, no workers.
+ * `env` is added to every process (after the harness's own variables).
+ */
+export async function startCluster({ gateways = 2, workers = 2, env = {} } = {}) {
+  await auth.start();
+  const id = randomHex(6);
+  const cluster = new Cluster(id);
+  running.add(cluster);
+  try {
+    await cluster.start({ gateways, workers, env });
+  } catch (e) {
+    await cluster.stop({ quiet: true }).catch(() => {});
+    throw e;
+  }
+  return cluster;
+}
+
+class Cluster {
+  constructor(id) {
+    this.id = id;
+    this.mode = MODE;
+    this.db = MODE === 'cluster' ? `sbtest_${id}` : null;
+    this.prefix = MODE === 'cluster' ? `sbtest:${id}` : null;
+    this.databaseUrl = this.db ? `postgres://${PG_USER}@${PG_HOST}:${PG_PORT}/${this.db}` : null;
+    this.dataDir = null;
+    this.gateways = [];
+    this.workers = [];
+    this.urls = [];
+    this.stopped = false;
+    this.dbCreated = false;
+    this.extraEnv = {};
+  }
+
+  /** Variables shared by every process of this deployment. */
+  commonEnv() {
+    const env = baseEnv();
+    if (this.mode === 'cluster') {
+      Object.assign(env, {
+        REDIS_URL,
+        DATABASE_URL: this.databaseUrl,
+        REDIS_PREFIX: this.prefix,
+        STREAM_PARTITIONS: '4',
+        LEASE_TTL_MS: '1500',
+      });
+    } else {
+      env.DATA_DIR = this.dataDir;
+    }
+    return Object.assign(env, this.extraEnv);
+  }
+
+  async start({ gateways, workers, env }) {
+    this.extraEnv = Object.fromEntries(Object.entries(env).map(([k, v]) => [k, String(v)]));
+    if (this.mode === 'cluster') {
+      await psql(`CREATE DATABASE ${this.db}`);
+      this.dbCreated = true;
+      await this.migrate();
+    } else {
+      this.dataDir = fs.mkdtempSync(path.join(os.tmpdir(), 'sbtest-'));
+      gateways = 1;
+      workers = 0;
+    }
+    // Workers first: they take their partition leases while the gateways boot.
+    for (let i = 0; i < workers; i++) this.addWorker();
+    await Promise.all(Array.from({ length: gateways }, (_, i) => this.startGateway(i)));
+    this.urls = this.gateways.map((g) => g.url);
+    // A worker that died at startup is a failure of the deployment, not of a test.
+    for (const w of this.workers) {
+      if (!w.alive) throw new Error(`${w.name} ${w.describeExit()} at startup; last output:\n${w.logs.tail(40)}`);
+    }
+  }
+
+  async migrate() {
+    const env = this.commonEnv();
+    try {
+      await execFileP(WORKER_BIN, ['migrate'], { env, timeout: 60_000 });
+    } catch (e) {
+      const why = e.code === 'ENOENT' ? `${WORKER_BIN} not found (build the binaries first: cargo build --bins)` : `${e.message}\n${e.stderr || ''}${e.stdout || ''}`;
+      throw new Error(`switchboard-worker migrate failed: ${why}`);
+    }
+  }
+
+  /** Starts gateway `i` on a free port and waits for /readyz (retries a port taken in between). */
+  async startGateway(i) {
+    let lastError;
+    for (let attempt = 0; attempt < 3; attempt++) {
+      const port = await freePort();
+      const env = Object.assign(this.commonEnv(), {
+        PORT: String(port),
+        HOST: '127.0.0.1',
+        NODE_ID: `gw-${i}-${randomHex(3)}`,
+        AUTH_JWKS_URL: auth.jwksUrl,
+        AUTH_ISSUER: ISSUER,
+        AUTH_AUTHORIZED_PARTIES: AUTHORIZED_PARTY,
+      }, this.extraEnv);
+      const proc = new Proc(`gateway-${i}`, GATEWAY_BIN, [], env);
+      proc.url = `http://127.0.0.1:${port}`;
+      proc.port = port;
+      try {
+        await waitReady(proc, proc.url);
+        this.gateways[i] = proc;
+        return proc;
+      } catch (e) {
+        lastError = e;
+        await proc.stop('SIGKILL', 1000);
+        // Only a port stolen between freePort() and bind() is worth another try.
+        if (!/address (already )?in use|EADDRINUSE/i.test(proc.logs.tail(200))) break;
+      }
+    }
+    throw lastError;
+  }
+
+  /** Starts one more worker; returns its Proc. */
+  addWorker() {
+    if (this.mode !== 'cluster') throw new Error('workers exist in cluster mode only');
+    const i = this.workers.length;
+    const env = Object.assign(this.commonEnv(), { NODE_ID: `wk-${i}-${randomHex(3)}` }, this.extraEnv);
+    const proc = new Proc(`worker-${i}`, WORKER_BIN, [], env);
+    this.workers.push(proc);
+    return proc;
+  }
+
+  /** Kills worker `i` on purpose (SIGKILL by default) and waits until it is gone. */
+  async killWorker(i, signal = 'SIGKILL') {
+    const w = this.workers[i];
+    if (!w) throw new Error(`no worker ${i}`);
+    return w.stop(signal, STOP_GRACE_MS);
+  }
+
+  /** Kills gateway `i` on purpose and waits until it is gone. */
+  async killGateway(i, signal = 'SIGTERM') {
+    const g = this.gateways[i];
+    if (!g) throw new Error(`no gateway ${i}`);
+    return g.stop(signal, STOP_GRACE_MS);
+  }
+
+  /** URL of gateway `i` (wrapping around, so embedded mode serves every index). */
+  url(i = 0) {
+    return this.urls[i % this.urls.length];
+  }
+
+  get processes() {
+    return [...this.gateways, ...this.workers].filter(Boolean);
+  }
+
+  /** The output tail of every process, for a failure report. */
+  logReport(lines = 60) {
+    return this.processes
+      .map((p) => `----- ${p.name} (pid ${p.pid}, ${p.describeExit()}) -----\n${p.logs.tail(lines) || '(no output)'}`)
+      .join('\n');
+  }
+
+  printLogs(lines = 60) {
+    process.stderr.write(`\n===== switchboard process output (cluster ${this.id}, ${this.mode}) =====\n${this.logReport(lines)}\n`);
+  }
+
+  /**
+   * Stops every process (SIGTERM, SIGKILL after 5 s), drops the database,
+   * deletes the Redis keys and the data dir. Throws if a process had died
+   * on its own during the run, or crashed/hung on SIGTERM.
+   */
+  async stop({ quiet = false } = {}) {
+    if (this.stopped) return;
+    this.stopped = true;
+    closeAllSockets();
+    const crashed = this.processes.filter((p) => !p.alive && !p.expectedExit);
+    const results = await Promise.all(this.processes.map(async (p) => [p, await p.stop('SIGTERM', STOP_GRACE_MS)]));
+    const badStops = crashed.length ? [] : results.filter(([p, r]) => r.forced || (r.code !== 0 && r.code !== null && !p.exit.error) || (r.signal && r.signal !== 'SIGTERM' && r.signal !== 'SIGKILL'));
+    await this.cleanup();
+    running.delete(this);
+    if (quiet) return;
+    if (crashed.length) {
+      throw new Error(`process(es) died during the tests: ${crashed.map((p) => `${p.name} ${p.describeExit()}`).join(', ')}\n${this.logReport(80)}`);
+    }
+    if (badStops.length) {
+      // A node that ignores SIGTERM or crashes on it: report it, do not fail the file.
+      process.stderr.write(`warning: unclean shutdown: ${badStops.map(([p, r]) => `${p.name} ${r.forced ? 'did not exit within 5 s of SIGTERM' : p.describeExit()}`).join(', ')}\n`);
+    }
+  }
+
+  async cleanup() {
+    const errors = [];
+    if (this.dbCreated) {
+      await psql(`DROP DATABASE IF EXISTS ${this.db} WITH (FORCE)`).catch((e) => errors.push(e.message));
+      this.dbCreated = false;
+    }
+    if (this.prefix) {
+      await execFileP('sh', ['-c', redisCleanupCommand(this.prefix)], { timeout: 30_000 }).catch((e) => errors.push(`redis cleanup: ${e.stderr || e.message}`));
+    }
+    if (this.dataDir) fs.rmSync(this.dataDir, { recursive: true, force: true });
+    if (errors.length) process.stderr.write(`warning: cleanup of cluster ${this.id}: ${errors.join('; ')}\n`);
+  }
+
+  /** Last-resort synchronous cleanup when the test process exits without stop(). */
+  cleanupSync() {
+    for (const p of this.processes) if (p.alive) p.child.kill('SIGKILL');
+    if (this.dbCreated) spawnSync('psql', [...PSQL_ARGS, `DROP DATABASE IF EXISTS ${this.db} WITH (FORCE)`], { timeout: 10_000 });
+    if (this.prefix) spawnSync('sh', ['-c', redisCleanupCommand(this.prefix)], { timeout: 10_000 });
+    if (this.dataDir) fs.rmSync(this.dataDir, { recursive: true, force: true });
+  }
+}
+
+function cleanupAllSync() {
+  for (const c of running) c.cleanupSync();
+  running.clear();
+}
+process.on('exit', cleanupAllSync);
+for (const sig of ['SIGINT', 'SIGTERM']) {
+  process.once(sig, () => {
+    cleanupAllSync();
+    process.exit(130);
+  });
+}
+
+/**
+ * One deployment shared by the tests of a file: started in `before`, stopped
+ * in `after`. Sockets opened by a test are closed after it. If any test of the
+ * file failed, the output of every process is printed before the stop.
+ *
+ *   const sb = useCluster({gateways: 2, workers: 2});
+ *   test('...', async () => { const url = sb.url(1); ... });
+ */
+export function useCluster(options = {}) {
+  const ref = {
+    cluster: null,
+    url: (i = 0) => ref.cluster.url(i),
+    get urls() {
+      return ref.cluster.urls;
+    },
+  };
+  let failed = false;
+  before(async () => {
+    ref.cluster = await startCluster(options);
+  }, { timeout: 120_000 });
+  afterEach((t) => {
+    if (t.passed === false) failed = true;
+    closeAllSockets();
+  });
+  after(async () => {
+    closeAllSockets();
+    if (!ref.cluster) return;
+    if (failed) ref.cluster.printLogs();
+    await ref.cluster.stop();
+  }, { timeout: 60_000 });
+  return ref;
+}
+
+/** For tests that need at least two nodes: skips them in embedded mode. Returns true if skipped. */
+export function needsCluster(t) {
+  if (MODE === 'embedded') {
+    t.skip('needs a cluster');
+    return true;
+  }
+  return false;
+}
+
+// ---------------------------------------------------------------------------
+// Socket.IO clients
+// ---------------------------------------------------------------------------
+
+const liveSockets = new Set();
+
+/** Disconnects every socket the harness created. */
+export function closeAllSockets() {
+  for (const s of liveSockets) s.disconnect();
+  liveSockets.clear();
+}
+
+/**
+ * Creates a socket (not yet connected) with an event recorder.
+ *
+ * options:
+ *   userId, token   handshake auth {token: 'Bearer ' + token, userId}; without
+ *                   `token`, a valid one is minted for userId (`tokenOptions`)
+ *   bearer          false sends the token without the 'Bearer ' prefix
+ *   auth            the exact handshake auth object (overrides the above);
+ *                   `auth: null` sends none at all
+ *   way             'namespace' (default): io(url + '/api/socket.io')
+ *                   'path': io(url, {path: '/api/socket.io'})
+ *   transports      e.g. ['websocket'] or ['polling']
+ */
+export function createSocket(url, options = {}) {
+  const { userId, way = 'namespace', transports = ['polling', 'websocket'], bearer = true, tokenOptions } = options;
+  let handshakeAuth;
+  if ('auth' in options) {
+    handshakeAuth = options.auth === null ? undefined : options.auth;
+  } else {
+    const jwt = options.token !== undefined ? options.token : auth.token(userId, tokenOptions);
+    handshakeAuth = { token: bearer ? `Bearer ${jwt}` : jwt, userId };
+  }
+  const common = { transports, reconnection: false, forceNew: true, autoConnect: false, timeout: 10_000 };
+  if (handshakeAuth !== undefined) common.auth = handshakeAuth;
+  let socket;
+  if (way === 'namespace') socket = io(url + SIO_PATH, common);
+  else if (way === 'path') socket = io(url, { ...common, path: SIO_PATH });
+  else throw new Error(`unknown way ${way}`);
+  socket.userId = userId;
+  attachRecorder(socket);
+  liveSockets.add(socket);
+  return socket;
+}
+
+/**
+ * Connects and resolves with the socket once the Socket.IO `connect` event
+ * fired (rejects on `connect_error` or after 10 s). `onConnect(socket)` runs
+ * synchronously inside the `connect` handler.
+ */
+export function connect(url, options = {}) {
+  const socket = createSocket(url, options);
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`socket to ${url} (${options.way || 'namespace'}) did not connect within 10 s`)), 10_000);
+    socket.once('connect', () => {
+      clearTimeout(timer);
+      if (options.onConnect) options.onConnect(socket);
+      resolve(socket);
+    });
+    socket.once('connect_error', (err) => {
+      clearTimeout(timer);
+      reject(new Error(`connect_error from ${url}: ${err.message}${err.data ? ' ' + JSON.stringify(err.data) : ''}`));
+    });
+    socket.connect();
+  });
+}
+
+/**
+ * Connects as `userId` with a valid token and waits for `connection:success`.
+ * The payload is kept as `socket.success`.
+ */
+export async function connectUser(url, userId, options = {}) {
+  const socket = await connect(url, { ...options, userId });
+  socket.success = await waitFor(socket, 'connection:success', null, options.timeoutMs || 10_000);
+  return socket;
+}
+
+/** Records every event a socket receives, from its creation on. */
+function attachRecorder(socket) {
+  const rec = { events: [], listeners: new Set() };
+  const record = (event, args) => {
+    const entry = { event, args, payload: args[0], index: rec.events.length, at: Date.now() };
+    rec.events.push(entry);
+    for (const l of [...rec.listeners]) l(entry);
+  };
+  socket.onAny((event, ...args) => record(event, args));
+  // Reserved events are not seen by onAny.
+  socket.on('connect', () => record('connect', []));
+  socket.on('connect_error', (err) => record('connect_error', [{ message: err.message, data: err.data }]));
+  socket.on('disconnect', (reason, details) => record('disconnect', [reason, details]));
+  socket.recorder = rec;
+  return rec;
+}
+
+function recorderOf(socket) {
+  if (!socket.recorder) throw new Error('socket was not created by the harness');
+  return socket.recorder;
+}
+
+/** Index of the next event the socket will record (for "after this point" predicates). */
+export function mark(socket) {
+  return recorderOf(socket).events.length;
+}
+
+/** All recorded payloads of `event` (optionally filtered). */
+export function received(socket, event, predicate = null) {
+  return recorderOf(socket)
+    .events.filter((e) => e.event === event && safeMatch(predicate, e))
+    .map((e) => e.payload);
+}
+
+function safeMatch(predicate, entry) {
+  if (!predicate) return true;
+  try {
+    return Boolean(predicate(entry.payload, entry));
+  } catch {
+    return false;
+  }
+}
+
+function summarize(socket, n = 12) {
+  const events = recorderOf(socket).events;
+  if (!events.length) return '(nothing received)';
+  const tail = events.slice(-n).map((e) => {
+    const text = JSON.stringify(e.args.filter((a) => typeof a !== 'function'));
+    return `${e.event} ${text && text.length > 300 ? text.slice(0, 300) + '…' : text}`;
+  });
+  return `${events.length} event(s), last: \n    ${tail.join('\n    ')}`;
+}
+
+/**
+ * Resolves with the payload of the first `event` (recorded since the socket
+ * was created) for which `predicate(payload, entry)` holds; rejects after
+ * `timeoutMs` with a summary of what the socket did receive.
+ */
+export function waitFor(socket, event, predicate = null, timeoutMs = 5000) {
+  const rec = recorderOf(socket);
+  const hit = rec.events.find((e) => e.event === event && safeMatch(predicate, e));
+  if (hit) return Promise.resolve(hit.payload);
+  return new Promise((resolve, reject) => {
+    const listener = (entry) => {
+      if (entry.event === event && safeMatch(predicate, entry)) {
+        clearTimeout(timer);
+        rec.listeners.delete(listener);
+        resolve(entry.payload);
+      }
+    };
+    const timer = setTimeout(() => {
+      rec.listeners.delete(listener);
+      reject(new Error(`timed out after ${timeoutMs} ms waiting for "${event}"${predicate ? ' (matching predicate)' : ''} on socket of ${socket.userId ?? '?'}; ${summarize(socket)}`));
+    }, timeoutMs);
+    rec.listeners.add(listener);
+  });
+}
+
+/** Resolves once `count` matching `event`s were recorded; with the list of their payloads. */
+export function waitForCount(socket, event, count, predicate = null, timeoutMs = 5000) {
+  const rec = recorderOf(socket);
+  const have = () => received(socket, event, predicate);
+  if (have().length >= count) return Promise.resolve(have());
+  return new Promise((resolve, reject) => {
+    const listener = (entry) => {
+      if (entry.event === event && have().length >= count) {
+        clearTimeout(timer);
+        rec.listeners.delete(listener);
+        resolve(have());
+      }
+    };
+    const timer = setTimeout(() => {
+      rec.listeners.delete(listener);
+      reject(new Error(`timed out after ${timeoutMs} ms waiting for ${count} "${event}" on socket of ${socket.userId ?? '?'} (got ${have().length}); ${summarize(socket, 4)}`));
+    }, timeoutMs);
+    rec.listeners.add(listener);
+  });
+}
+
+/** An array of the payloads of `event`: those recorded so far, then each new one as it arrives. */
+export function collect(socket, event) {
+  const rec = recorderOf(socket);
+  const list = received(socket, event);
+  rec.listeners.add((entry) => {
+    if (entry.event === event) list.push(entry.payload);
+  });
+  return list;
+}
+
+/** Emits with an acknowledgement and resolves with the server's answer (rejects after `timeout` ms). */
+export function emitAck(socket, event, payload, timeout = 5000) {
+  return socket.timeout(timeout).emitWithAck(event, payload);
+}
+
+// ---------------------------------------------------------------------------
+// REST
+// ---------------------------------------------------------------------------
+
+/**
+ * Calls the REST API. `token` is a JWT sent as `Authorization: Bearer <token>`
+ * (`authorization` sets the header verbatim); `body` is sent as JSON,
+ * `rawBody` as is. Resolves with {status, body (parsed JSON or null), text, headers}.
+ */
+export async function api(url, method, pathname, { token, authorization, body, rawBody, headers = {} } = {}) {
+  const h = { ...headers };
+  if (authorization !== undefined) h.authorization = authorization;
+  else if (token !== undefined) h.authorization = `Bearer ${token}`;
+  let payload;
+  if (rawBody !== undefined) {
+    payload = rawBody;
+    h['content-type'] = h['content-type'] || 'application/json';
+  } else if (body !== undefined) {
+    payload = JSON.stringify(body);
+    h['content-type'] = 'application/json';
+  }
+  const res = await fetch(url + pathname, { method, headers: h, body: payload, signal: AbortSignal.timeout(15_000) });
+  const text = await res.text();
+  let parsed = null;
+  try {
+    parsed = text ? JSON.parse(text) : null;
+  } catch {
+    parsed = null;
+  }
+  return { status: res.status, body: parsed, text, headers: res.headers };
+}
+
+/** The list in a list response: a bare array, or the array under `key` of an object. */
+export function listOf(body, key) {
+  if (Array.isArray(body)) return body;
+  if (body && Array.isArray(body[key])) return body[key];
+  throw new Error(`expected a JSON array (or {${key}: [...]}), got ${JSON.stringify(body)?.slice(0, 300)}`);
+}
+
+/** Creates a channel through REST as `userId`; resolves with the created channel. */
+export async function createChannel(url, userId, name = `ch-${randomHex(3)}`, isPrivate = false) {
+  const res = await api(url, 'POST', '/api/channels', { token: auth.token(userId), body: { name, isPrivate } });
+  if (res.status !== 201) throw new Error(`POST /api/channels as ${userId}: ${res.status} ${res.text}`);
+  return res.body;
+}
+
+/** Adds `userId` to a channel through REST as `asUserId`; resolves with the response. */
+export async function addMember(url, asUserId, channelId, userId) {
+  return api(url, 'POST', `/api/channels/${encodeURIComponent(channelId)}/members`, { token: auth.token(asUserId), body: { userId } });
+}
+
+/** GET history as `userId`; resolves with the response (list in `.list` when 200). */
+export async function history(url, userId, channelId, { limit, before } = {}) {
+  const q = new URLSearchParams();
+  if (limit !== undefined) q.set('limit', String(limit));
+  if (before !== undefined) q.set('before', before);
+  const qs = q.toString();
+  const res = await api(url, 'GET', `/api/channels/${encodeURIComponent(channelId)}/messages${qs ? '?' + qs : ''}`, { token: auth.token(userId) });
+  if (res.status === 200) res.list = listOf(res.body, 'messages');
+  return res;
+}
+
+/** Every message of a channel, oldest first, paging through history (100 a page). */
+export async function fullHistory(url, userId, channelId) {
+  const all = [];
+  let before;
+  for (;;) {
+    const res = await history(url, userId, channelId, { limit: 100, before });
+    if (res.status !== 200) throw new Error(`history: ${res.status} ${res.text}`);
+    all.push(...res.list);
+    if (res.list.length < 100) break;
+    before = res.list[res.list.length - 1].id;
+  }
+  return all.reverse();
+}
