@@ -11,13 +11,33 @@
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
+use serde_json::json;
 use socketioxide::extract::{AckSender, SocketRef};
 use switchboard_shared::protocol::{
-    events, iso, DeliveryStatus, MessageDelivered, MessageFailed, Outcome, OutcomeResult,
+    events, iso, DeliveryStatus, MessageDelivered, MessageError, MessageFailed, Outcome,
+    OutcomeResult, ReactionError,
 };
+
+fn error_of(result: OutcomeResult) -> String {
+    match result {
+        OutcomeResult::Failed { error } => error,
+        _ => "Unexpected answer".to_string(),
+    }
+}
 use uuid::Uuid;
 
+/// What kind of write an entry is, for the shape of its answer.
+pub enum Kind {
+    /// `message:send`: SENT, then DELIVERED or FAILED.
+    Message,
+    /// `reaction:add` / `reaction:remove`: errors as `reaction:error`.
+    Reaction { message_id: String, kind: String },
+    /// `message:read`: errors as `message:error`.
+    Read { message_id: String },
+}
+
 struct Entry {
+    kind: Kind,
     socket: SocketRef,
     ack: Option<AckSender>,
     sent: bool,
@@ -32,13 +52,16 @@ pub struct Pending {
 
 impl Pending {
     /// Registers a write before it is appended to the stream.
-    pub fn insert(&self, id: Uuid, socket: SocketRef, ack: Option<AckSender>) {
+    pub fn insert(&self, id: Uuid, kind: Kind, socket: SocketRef, ack: Option<AckSender>) {
+        // Only messages have a SENT step to wait for.
+        let sent = !matches!(kind, Kind::Message);
         self.entries.insert(
             id,
             Entry {
+                kind,
                 socket,
                 ack,
-                sent: false,
+                sent,
                 early: None,
                 accepted_at: Instant::now(),
             },
@@ -79,9 +102,17 @@ impl Pending {
         metrics::histogram!("gateway_send_to_delivered_seconds")
             .record(entry.accepted_at.elapsed().as_secs_f64());
         let now = iso(chrono::Utc::now());
-        match outcome.result {
-            OutcomeResult::Delivered { message_id } => {
-                let _ = entry.socket.emit(
+        let Entry {
+            kind, socket, ack, ..
+        } = entry;
+        let reply = |body: serde_json::Value| {
+            if let Some(ack) = ack {
+                let _ = ack.send(&body);
+            }
+        };
+        match (kind, outcome.result) {
+            (Kind::Message, OutcomeResult::Delivered { message_id }) => {
+                let _ = socket.emit(
                     events::MESSAGE_DELIVERED,
                     &MessageDelivered {
                         message_id: message_id.to_string(),
@@ -91,22 +122,45 @@ impl Pending {
                         timestamp: now,
                     },
                 );
-                if let Some(ack) = entry.ack {
-                    let _ = ack.send(&serde_json::json!({
-                        "status": "DELIVERED",
-                        "messageId": message_id.to_string(),
-                    }));
-                }
+                reply(json!({"status": "DELIVERED", "messageId": message_id.to_string()}));
             }
-            OutcomeResult::Failed { error } => {
+            (Kind::Message, result) => {
+                let error = error_of(result);
                 metrics::counter!("gateway_messages_failed_total").increment(1);
-                let _ = entry.socket.emit(
+                let _ = socket.emit(
                     events::MESSAGE_FAILED,
                     &MessageFailed::new(error.clone(), outcome.temp_id),
                 );
-                if let Some(ack) = entry.ack {
-                    let _ = ack.send(&serde_json::json!({"status": "FAILED", "error": error}));
-                }
+                reply(json!({"status": "FAILED", "error": error}));
+            }
+            (Kind::Reaction { message_id, kind }, OutcomeResult::Done) => {
+                reply(json!({"ok": true, "messageId": message_id, "type": kind}));
+            }
+            (Kind::Reaction { message_id, kind }, result) => {
+                let error = error_of(result);
+                let _ = socket.emit(
+                    events::REACTION_ERROR,
+                    &ReactionError {
+                        message_id: Some(message_id),
+                        kind: Some(kind),
+                        error: error.clone(),
+                    },
+                );
+                reply(json!({"ok": false, "error": error}));
+            }
+            (Kind::Read { message_id }, OutcomeResult::Done) => {
+                reply(json!({"ok": true, "messageId": message_id}));
+            }
+            (Kind::Read { message_id }, result) => {
+                let error = error_of(result);
+                let _ = socket.emit(
+                    events::MESSAGE_ERROR,
+                    &MessageError {
+                        message_id: Some(message_id),
+                        error: error.clone(),
+                    },
+                );
+                reply(json!({"ok": false, "error": error}));
             }
         }
     }

@@ -89,7 +89,6 @@ pub async fn serve(mut settings: Settings) -> anyhow::Result<()> {
         backends.store.clone(),
         verifier,
         io.clone(),
-        backends.embedded,
     ));
     socket::register(&app);
     let dispatcher = fanout::start(app.clone()).await?;
@@ -111,8 +110,8 @@ pub async fn serve(mut settings: Settings) -> anyhow::Result<()> {
 
     let mut router =
         rest::router(app.clone(), metrics).layer(DefaultBodyLimit::max(settings.rest_body_limit));
-    if backends.embedded || settings.auth_dev_secret.is_some() {
-        router = router.merge(crate::demo::router());
+    if settings.auth_dev_secret.is_some() {
+        router = router.merge(crate::demo::router(app.clone()));
     }
     let mut router = router
         .layer(layer)

@@ -26,14 +26,12 @@ pub struct AppState {
     pub subscriptions: Subscriptions,
     pub pending: Pending,
     pub io: SocketIo,
-    pub embedded: bool,
     draining: AtomicBool,
 }
 
 pub type App = Arc<AppState>;
 
 impl AppState {
-    #[allow(clippy::too_many_arguments)]
     pub fn new(
         settings: Settings,
         node_id: String,
@@ -41,7 +39,6 @@ impl AppState {
         store: Store,
         verifier: Verifier,
         io: SocketIo,
-        embedded: bool,
     ) -> Self {
         let topics = Topics::new(&settings.redis_prefix);
         Self {
@@ -54,7 +51,6 @@ impl AppState {
             topics,
             verifier,
             io,
-            embedded,
             draining: AtomicBool::new(false),
         }
     }

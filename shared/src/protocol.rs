@@ -254,14 +254,56 @@ pub struct CommandEnvelope {
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum Command {
     SendMessage(SendMessage),
+    AddReaction(ReactionCommand),
+    RemoveReaction(ReactionCommand),
+    ReadMessage(ReadCommand),
 }
 
 impl Command {
+    /// The channel whose partition (and order) the command belongs to.
     pub fn channel_id(&self) -> Uuid {
         match self {
             Command::SendMessage(m) => m.channel_id,
+            Command::AddReaction(r) | Command::RemoveReaction(r) => r.channel_id,
+            Command::ReadMessage(r) => r.channel_id,
         }
     }
+
+    /// The id the gateway gave the command (key of its pending answer).
+    pub fn request_id(&self) -> Uuid {
+        match self {
+            Command::SendMessage(m) => m.id,
+            Command::AddReaction(r) | Command::RemoveReaction(r) => r.request_id,
+            Command::ReadMessage(r) => r.request_id,
+        }
+    }
+
+    pub fn temp_id(&self) -> Option<String> {
+        match self {
+            Command::SendMessage(m) => m.temp_id.clone(),
+            _ => None,
+        }
+    }
+}
+
+/// `reaction:add` / `reaction:remove`, routed to the partition of the
+/// message's channel so a reaction never overtakes its message.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReactionCommand {
+    pub request_id: Uuid,
+    pub channel_id: Uuid,
+    pub message_id: Uuid,
+    pub user_id: String,
+    pub kind: String,
+}
+
+/// `message:read`: the read position of `user_id` moves to `message_id`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReadCommand {
+    pub request_id: Uuid,
+    pub channel_id: Uuid,
+    pub message_id: Uuid,
+    pub user_id: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -315,6 +357,8 @@ pub enum OutcomeResult {
     Delivered {
         message_id: Uuid,
     },
+    /// A reaction or read command was applied (or was a no-op).
+    Done,
     Failed {
         error: String,
     },

@@ -240,13 +240,12 @@ impl Worker {
         tracing::error!(partition, id = %entry.id, error, "dead-lettering entry");
         metrics::counter!("worker_dead_letters_total").increment(1);
         if let Ok(env) = protocol::decode::<CommandEnvelope>(&entry.payload) {
-            let protocol::Command::SendMessage(msg) = &env.command;
             let outcome = Outcome {
                 origin: env.origin.clone(),
-                request_id: msg.id,
-                temp_id: msg.temp_id.clone(),
+                request_id: env.command.request_id(),
+                temp_id: env.command.temp_id(),
                 result: OutcomeResult::Failed {
-                    error: "The message could not be stored".into(),
+                    error: "The request could not be processed".into(),
                 },
             };
             if let Ok(bytes) = protocol::encode(&outcome) {

@@ -27,9 +27,10 @@ use switchboard_shared::bus::{Bus, DedupeClaim, StreamEntry, Topics};
 use switchboard_shared::config::Settings;
 use switchboard_shared::protocol::{
     self, errors, iso, ChannelEvent, Command, CommandEnvelope, DeliveryStatus, MessageCreated,
-    MessageView, Outcome, OutcomeResult, SendMessage, UserView,
+    MessageReadEvent, MessageView, Outcome, OutcomeResult, ReactionAdded, ReactionRemoved,
+    SendMessage, UserView,
 };
-use switchboard_shared::store::{NewMessage, Store};
+use switchboard_shared::store::{reaction_view, NewMessage, Store};
 use uuid::Uuid;
 
 /// What became of one entry.
@@ -49,6 +50,20 @@ struct Item {
     msg: SendMessage,
     dedupe_key: String,
     verdict: Verdict,
+}
+
+/// A reaction or read command, applied after the batch's messages are stored.
+struct Other {
+    partition: u32,
+    entry_id: String,
+    env: CommandEnvelope,
+}
+
+/// One entry of the batch, in stream order.
+enum Work {
+    /// Index into the batch's messages.
+    Send(usize),
+    Other(Other),
 }
 
 /// The dedupe key of CONTRACT §4: `<userId>:<tempId>`, or
@@ -109,18 +124,27 @@ impl Processor {
     ) -> Result<usize, ProcessError> {
         let transient = |e: &dyn std::fmt::Display| ProcessError::Transient(e.to_string());
         let mut items = Vec::with_capacity(entries.len());
+        let mut work = Vec::with_capacity(entries.len());
         let mut acks: HashMap<u32, Vec<String>> = HashMap::new();
         for (partition, entry) in entries {
             match protocol::decode::<CommandEnvelope>(&entry.payload) {
                 Ok(env) => match env.command.clone() {
-                    Command::SendMessage(msg) => items.push(Item {
+                    Command::SendMessage(msg) => {
+                        work.push(Work::Send(items.len()));
+                        items.push(Item {
+                            partition,
+                            entry_id: entry.id,
+                            dedupe_key: dedupe_key(&msg),
+                            env,
+                            msg,
+                            verdict: Verdict::Persist,
+                        });
+                    }
+                    _ => work.push(Work::Other(Other {
                         partition,
                         entry_id: entry.id,
-                        dedupe_key: dedupe_key(&msg),
                         env,
-                        msg,
-                        verdict: Verdict::Persist,
-                    }),
+                    })),
                 },
                 Err(e) => {
                     // Undecodable: retrying cannot help.
@@ -132,7 +156,7 @@ impl Processor {
                 }
             }
         }
-        if items.is_empty() {
+        if work.is_empty() {
             return Ok(0);
         }
 
@@ -233,63 +257,58 @@ impl Processor {
         seqs.next.extend(planned);
         let rows: HashMap<Uuid, &NewMessage> = new_rows.iter().map(|r| (r.id, r)).collect();
 
-        // 3. Fan out, in stream order.
-        let mut publish: Vec<(String, Bytes)> = Vec::with_capacity(items.len() * 2);
+        // 3. Apply reactions and reads (their messages are stored by now),
+        //    and fan everything out in stream order.
+        let mut publish: Vec<(String, Bytes)> = Vec::with_capacity(work.len() * 2);
         let mut settle_set = Vec::new();
         let mut settle_del = Vec::new();
-        for item in &items {
-            let (result, created) = match &item.verdict {
-                Verdict::Persist => {
-                    let view = if let Some(m) = stored.get(&item.msg.id) {
-                        let mut v = switchboard_shared::store::message_view(m, None);
-                        v.user = user_view(&item.msg);
-                        v
-                    } else if let Some(r) = rows.get(&item.msg.id) {
-                        message_view(&item.msg, r)
-                    } else {
+        for w in &work {
+            let (origin, request_id, temp_id, result, event) = match w {
+                Work::Send(i) => {
+                    let item = &items[*i];
+                    let Some((result, created)) =
+                        send_result(item, &stored, &rows, &mut settle_set, &mut settle_del)
+                    else {
                         continue;
                     };
-                    if item.msg.temp_id.is_some() {
-                        settle_set.push((item.dedupe_key.clone(), format!("d:{}", item.msg.id)));
-                    } else {
-                        settle_del.push(item.dedupe_key.clone());
-                    }
                     (
-                        OutcomeResult::Delivered {
-                            message_id: item.msg.id,
-                        },
-                        Some(ChannelEvent::MessageCreated(MessageCreated {
-                            message: view,
-                            temp_id: item.msg.temp_id.clone(),
-                            processed: true,
-                        })),
+                        &item.env.origin,
+                        item.msg.id,
+                        item.msg.temp_id.clone(),
+                        result,
+                        created,
                     )
                 }
-                Verdict::AlreadyDelivered(orig) => {
-                    (OutcomeResult::Delivered { message_id: *orig }, None)
+                Work::Other(o) => {
+                    let (result, event) = self
+                        .apply(&o.env.command)
+                        .await
+                        .map_err(|e| transient(&e))?;
+                    (
+                        &o.env.origin,
+                        o.env.command.request_id(),
+                        None,
+                        result,
+                        event,
+                    )
                 }
-                Verdict::Failed(error) => (
-                    OutcomeResult::Failed {
-                        error: error.clone(),
-                    },
-                    None,
-                ),
             };
-            if let Some(event) = created {
+            if let Some(event) = event {
                 let bytes = protocol::encode(&event).map_err(|e| transient(&e))?;
-                publish.push((
-                    self.topics.channel(&item.msg.channel_id),
-                    Bytes::from(bytes),
-                ));
+                let channel = match w {
+                    Work::Send(i) => items[*i].msg.channel_id,
+                    Work::Other(o) => o.env.command.channel_id(),
+                };
+                publish.push((self.topics.channel(&channel), Bytes::from(bytes)));
             }
             let outcome = Outcome {
-                origin: item.env.origin.clone(),
-                request_id: item.msg.id,
-                temp_id: item.msg.temp_id.clone(),
+                origin: origin.clone(),
+                request_id,
+                temp_id,
                 result,
             };
             let bytes = protocol::encode(&outcome).map_err(|e| transient(&e))?;
-            publish.push((self.topics.node(&item.env.origin.node), Bytes::from(bytes)));
+            publish.push((self.topics.node(&origin.node), Bytes::from(bytes)));
         }
         self.bus.publish(publish).await.map_err(|e| transient(&e))?;
 
@@ -304,10 +323,12 @@ impl Processor {
             .map_err(|e| transient(&e))?;
 
         // 5. Acknowledge.
-        for item in &items {
-            acks.entry(item.partition)
-                .or_default()
-                .push(item.entry_id.clone());
+        for w in &work {
+            let (partition, id) = match w {
+                Work::Send(i) => (items[*i].partition, &items[*i].entry_id),
+                Work::Other(o) => (o.partition, &o.entry_id),
+            };
+            acks.entry(partition).or_default().push(id.clone());
         }
         for (partition, ids) in acks {
             self.bus
@@ -316,7 +337,101 @@ impl Processor {
                 .map_err(|e| transient(&e))?;
         }
         metrics::counter!("worker_messages_persisted_total").increment(new_rows.len() as u64);
-        Ok(items.len())
+        Ok(work.len())
+    }
+
+    /// Applies a reaction or read command. A no-op (reaction already there,
+    /// read position already past) succeeds without an event.
+    async fn apply(
+        &self,
+        command: &Command,
+    ) -> Result<(OutcomeResult, Option<ChannelEvent>), sea_orm::DbErr> {
+        let event = match command {
+            Command::SendMessage(_) => None,
+            Command::AddReaction(r) => self
+                .store
+                .add_reaction(r.message_id, &r.user_id, &r.kind)
+                .await?
+                .map(|row| {
+                    ChannelEvent::ReactionAdded(ReactionAdded {
+                        message_id: r.message_id.to_string(),
+                        reaction: reaction_view(&row),
+                        processed: true,
+                    })
+                }),
+            Command::RemoveReaction(r) => self
+                .store
+                .remove_reaction(r.message_id, &r.user_id, &r.kind)
+                .await?
+                .then(|| {
+                    ChannelEvent::ReactionRemoved(ReactionRemoved {
+                        message_id: r.message_id.to_string(),
+                        user_id: r.user_id.clone(),
+                        kind: r.kind.clone(),
+                        processed: true,
+                    })
+                }),
+            Command::ReadMessage(r) => self
+                .store
+                .mark_read(r.channel_id, &r.user_id, r.message_id)
+                .await?
+                .then(|| {
+                    ChannelEvent::MessageRead(MessageReadEvent {
+                        message_id: r.message_id.to_string(),
+                        user_id: r.user_id.clone(),
+                        status: DeliveryStatus::Read,
+                        timestamp: iso(Utc::now()),
+                    })
+                }),
+        };
+        Ok((OutcomeResult::Done, event))
+    }
+}
+
+/// The outcome and `message:created` of one message of the batch, and the
+/// dedupe key settlement it implies. `None` if the message was neither
+/// stored nor refused (cannot happen after a successful insert).
+fn send_result(
+    item: &Item,
+    stored: &HashMap<Uuid, switchboard_shared::store::entities::message::Model>,
+    rows: &HashMap<Uuid, &NewMessage>,
+    settle_set: &mut Vec<(String, String)>,
+    settle_del: &mut Vec<String>,
+) -> Option<(OutcomeResult, Option<ChannelEvent>)> {
+    match &item.verdict {
+        Verdict::Persist => {
+            let view = if let Some(m) = stored.get(&item.msg.id) {
+                let mut v = switchboard_shared::store::message_view(m, None);
+                v.user = user_view(&item.msg);
+                v
+            } else {
+                message_view(&item.msg, rows.get(&item.msg.id)?)
+            };
+            if item.msg.temp_id.is_some() {
+                settle_set.push((item.dedupe_key.clone(), format!("d:{}", item.msg.id)));
+            } else {
+                settle_del.push(item.dedupe_key.clone());
+            }
+            Some((
+                OutcomeResult::Delivered {
+                    message_id: item.msg.id,
+                },
+                Some(ChannelEvent::MessageCreated(MessageCreated {
+                    message: view,
+                    temp_id: item.msg.temp_id.clone(),
+                    processed: true,
+                })),
+            ))
+        }
+        Verdict::AlreadyDelivered(orig) => {
+            Some((OutcomeResult::Delivered { message_id: *orig }, None))
+        }
+        Verdict::Failed(error) => Some((
+            OutcomeResult::Failed {
+                error: error.clone(),
+            },
+            None,
+        )),
     }
 }
 

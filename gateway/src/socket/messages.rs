@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use super::inbox::Inbound;
 use super::Session;
+use crate::pending::Kind;
 use crate::state::App;
 
 /// A validated `message:send`.
@@ -147,7 +148,7 @@ pub async fn send(app: &App, s: &SocketRef, session: &Session, inbound: Inbound)
         }
     };
     let partition = partition_of(&draft.channel_id, app.settings.stream_partitions);
-    app.pending.insert(id, s.clone(), Some(ack));
+    app.pending.insert(id, Kind::Message, s.clone(), Some(ack));
     match app.bus.append(partition, bytes).await {
         Ok(_) => {
             metrics::counter!("gateway_messages_accepted_total").increment(1);
@@ -176,13 +177,4 @@ pub async fn send(app: &App, s: &SocketRef, session: &Session, inbound: Inbound)
             }
         }
     }
-}
-
-/// Answer for events whose handling is not built yet.
-pub fn not_yet(s: &SocketRef, inbound: Inbound, error_event: &str) {
-    let error = "Not supported yet";
-    let _ = s.emit(error_event, &serde_json::json!({"error": error}));
-    let _ = inbound
-        .ack
-        .send(&serde_json::json!({"ok": false, "error": error}));
 }

@@ -18,6 +18,7 @@
 pub mod inbox;
 pub mod membership;
 pub mod messages;
+pub mod reactions;
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -227,10 +228,9 @@ async fn run_inbox(app: App, s: SocketRef, session: Arc<Session>, mut rx: mpsc::
         match inbound.event.as_str() {
             events::MESSAGE_SEND => messages::send(&app, &s, &session, inbound).await,
             events::CHANNEL_JOIN => membership::join(&app, &s, &session, inbound).await,
-            events::MESSAGE_READ => messages::not_yet(&s, inbound, events::MESSAGE_ERROR),
-            events::REACTION_ADD | events::REACTION_REMOVE => {
-                messages::not_yet(&s, inbound, events::REACTION_ERROR)
-            }
+            events::MESSAGE_READ => reactions::read(&app, &s, &session, inbound).await,
+            events::REACTION_ADD => reactions::react(&app, &s, &session, inbound, true).await,
+            events::REACTION_REMOVE => reactions::react(&app, &s, &session, inbound, false).await,
             _ => {}
         }
     }

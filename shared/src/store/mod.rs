@@ -296,7 +296,7 @@ impl Store {
             "SELECT c.id, c.name, c.is_private, c.owner_id, c.created_at, \
                (m.user_id IS NOT NULL) AS is_member, \
                CASE WHEN m.user_id IS NULL THEN 0 ELSE \
-                 (SELECT COUNT(*) FROM messages x WHERE x.channel_id = c.id AND x.seq > m.last_read_seq) \
+                 (SELECT COUNT(*) FROM messages x WHERE x.channel_id = c.id AND x.seq > m.last_read_seq AND x.user_id <> m.user_id) \
                END AS unread_count \
              FROM channels c \
              LEFT JOIN channel_members m ON m.channel_id = c.id AND m.user_id = {p1} \
@@ -433,6 +433,96 @@ impl Store {
             .await?;
         }
         txn.commit().await
+    }
+
+    /// The channel of a message, if the message exists.
+    pub async fn message_channel(&self, message_id: Uuid) -> Result<Option<Uuid>, DbErr> {
+        message::Entity::find_by_id(message_id)
+            .select_only()
+            .column(message::Column::ChannelId)
+            .into_tuple::<Uuid>()
+            .one(&self.db)
+            .await
+    }
+
+    /// Adds a reaction; `None` when the same user already reacted so (a no-op).
+    pub async fn add_reaction(
+        &self,
+        message_id: Uuid,
+        user_id: &str,
+        kind: &str,
+    ) -> Result<Option<reaction::Model>, DbErr> {
+        let row = reaction::Model {
+            id: Uuid::now_v7(),
+            message_id,
+            user_id: user_id.to_string(),
+            kind: kind.to_string(),
+            created_at: Utc::now(),
+        };
+        let n = reaction::Entity::insert(reaction::ActiveModel {
+            id: Set(row.id),
+            message_id: Set(row.message_id),
+            user_id: Set(row.user_id.clone()),
+            kind: Set(row.kind.clone()),
+            created_at: Set(row.created_at),
+        })
+        .on_conflict(
+            OnConflict::columns([
+                reaction::Column::MessageId,
+                reaction::Column::UserId,
+                reaction::Column::Kind,
+            ])
+            .do_nothing()
+            .to_owned(),
+        )
+        .exec_without_returning(&self.db)
+        .await?;
+        Ok((n > 0).then_some(row))
+    }
+
+    /// Removes a reaction; `false` when there was none (a no-op).
+    pub async fn remove_reaction(
+        &self,
+        message_id: Uuid,
+        user_id: &str,
+        kind: &str,
+    ) -> Result<bool, DbErr> {
+        let res = reaction::Entity::delete_many()
+            .filter(reaction::Column::MessageId.eq(message_id))
+            .filter(reaction::Column::UserId.eq(user_id))
+            .filter(reaction::Column::Kind.eq(kind))
+            .exec(&self.db)
+            .await?;
+        Ok(res.rows_affected > 0)
+    }
+
+    /// Moves the user's read position in the message's channel forward to
+    /// the message; `false` when it already was at or past it.
+    pub async fn mark_read(
+        &self,
+        channel_id: Uuid,
+        user_id: &str,
+        message_id: Uuid,
+    ) -> Result<bool, DbErr> {
+        let Some(m) = message::Entity::find_by_id(message_id)
+            .one(&self.db)
+            .await?
+        else {
+            return Ok(false);
+        };
+        let res = channel_member::Entity::update_many()
+            .col_expr(channel_member::Column::LastReadSeq, m.seq.into())
+            .col_expr(
+                channel_member::Column::LastReadMessageId,
+                Some(message_id).into(),
+            )
+            .col_expr(channel_member::Column::LastReadAt, Some(Utc::now()).into())
+            .filter(channel_member::Column::ChannelId.eq(channel_id))
+            .filter(channel_member::Column::UserId.eq(user_id))
+            .filter(channel_member::Column::LastReadSeq.lt(m.seq))
+            .exec(&self.db)
+            .await?;
+        Ok(res.rows_affected > 0)
     }
 
     pub async fn message_count(&self, channel_id: Uuid) -> Result<u64, DbErr> {

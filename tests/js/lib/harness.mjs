@@ -593,6 +593,7 @@ for (const sig of ['SIGINT', 'SIGTERM']) {
  * file failed, the output of every process is printed before the stop.
  *
  *   const sb = useCluster({gateways: 2, workers: 2});
+ *   before(async () => { await sb.ready; ...file setup... });
  *   test('...', async () => { const url = sb.url(1); ... });
  */
 export function useCluster(options = {}) {
@@ -604,8 +605,21 @@ export function useCluster(options = {}) {
     },
   };
   let failed = false;
+  let markReady;
+  // Root-level `before` hooks of node:test start as they are registered, so a
+  // file's own setup hook awaits `ref.ready` rather than relying on order.
+  ref.ready = new Promise((resolve, reject) => {
+    markReady = { resolve, reject };
+  });
+  ref.ready.catch(() => {}); // reported through the hook below
   before(async () => {
-    ref.cluster = await startCluster(options);
+    try {
+      ref.cluster = await startCluster(options);
+      markReady.resolve(ref.cluster);
+    } catch (e) {
+      markReady.reject(e);
+      throw e;
+    }
   }, { timeout: 120_000 });
   afterEach((t) => {
     if (t.passed === false) failed = true;
@@ -783,6 +797,49 @@ export function waitFor(socket, event, predicate = null, timeoutMs = 5000) {
     }, timeoutMs);
     rec.listeners.add(listener);
   });
+}
+
+/**
+ * Resolves with `{event, payload}` of the first recorded event that matches
+ * any of `specs` (`[[event, predicate], ...]`); rejects after `timeoutMs`.
+ */
+export function waitForAny(socket, specs, timeoutMs = 5000) {
+  const rec = recorderOf(socket);
+  const matches = (entry) => specs.some(([event, predicate]) => entry.event === event && safeMatch(predicate, entry));
+  const hit = rec.events.find(matches);
+  if (hit) return Promise.resolve({ event: hit.event, payload: hit.payload });
+  return new Promise((resolve, reject) => {
+    const listener = (entry) => {
+      if (matches(entry)) {
+        clearTimeout(timer);
+        rec.listeners.delete(listener);
+        resolve({ event: entry.event, payload: entry.payload });
+      }
+    };
+    const timer = setTimeout(() => {
+      rec.listeners.delete(listener);
+      reject(new Error(`timed out after ${timeoutMs} ms waiting for any of ${specs.map((s) => s[0]).join(', ')} on socket of ${socket.userId ?? '?'}; ${summarize(socket)}`));
+    }, timeoutMs);
+    rec.listeners.add(listener);
+  });
+}
+
+/**
+ * Emits `message:send` and resolves with its final outcome as seen in the
+ * events (not the ack): `{status: 'DELIVERED'|'FAILED', payload}`, where
+ * payload is the message:delivered / message:failed event. Matches on the
+ * payload's tempId, among events recorded after the emit.
+ */
+export async function sendAndWait(socket, payload, timeoutMs = 10_000) {
+  const from = mark(socket);
+  const tempId = payload?.tempId ?? null;
+  socket.emit('message:send', payload);
+  const after = (p, e) => e.index >= from && (p.tempId ?? null) === tempId;
+  const { event, payload: result } = await waitForAny(socket, [
+    ['message:delivered', (p, e) => after(p, e) && p.status === 'DELIVERED'],
+    ['message:failed', after],
+  ], timeoutMs);
+  return { status: event === 'message:failed' ? 'FAILED' : 'DELIVERED', payload: result };
 }
 
 /** Resolves once `count` matching `event`s were recorded; with the list of their payloads. */

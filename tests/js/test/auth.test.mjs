@@ -25,6 +25,7 @@ const sb = useCluster({
 const victim = uid('victim');
 let victimChannel;
 before(async () => {
+  await sb.ready;
   victimChannel = await createChannel(sb.url(0), victim, 'victim-channel');
 });
 
