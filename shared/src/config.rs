@@ -113,7 +113,7 @@ fn default_max_channels() -> usize {
     10_000
 }
 fn default_inbox() -> usize {
-    256
+    1024
 }
 fn default_drain_ms() -> u64 {
     10_000
@@ -262,12 +262,12 @@ pub struct Settings {
 impl Settings {
     /// Reads the settings from the process environment.
     pub fn from_env() -> anyhow::Result<Self> {
-        Self::from_iter(std::env::vars())
+        Self::from_vars(std::env::vars())
     }
 
     /// Reads the settings from `(NAME, value)` pairs; unknown names are ignored
     /// and empty values count as unset.
-    pub fn from_iter(vars: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Self> {
+    pub fn from_vars(vars: impl IntoIterator<Item = (String, String)>) -> anyhow::Result<Self> {
         let vars = vars.into_iter().filter(|(_, v)| !v.trim().is_empty());
         let settings: Settings =
             envy::from_iter(vars).map_err(|e| anyhow::anyhow!("invalid configuration: {e}"))?;
@@ -361,7 +361,7 @@ mod tests {
 
     #[test]
     fn defaults_are_the_contract_values() {
-        let s = Settings::from_iter(vars(&[])).expect("defaults");
+        let s = Settings::from_vars(vars(&[])).expect("defaults");
         assert_eq!(s.port, 3002);
         assert_eq!(s.ping_interval_ms, 25_000);
         assert_eq!(s.ping_timeout_ms, 60_000);
@@ -379,17 +379,17 @@ mod tests {
 
     #[test]
     fn one_url_alone_is_an_error() {
-        let err = Settings::from_iter(vars(&[("REDIS_URL", "redis://x")])).unwrap_err();
+        let err = Settings::from_vars(vars(&[("REDIS_URL", "redis://x")])).unwrap_err();
         assert!(err.to_string().contains("DATABASE_URL"), "{err}");
     }
 
     #[test]
     fn numeric_values_parse_and_garbage_is_rejected() {
-        let s = Settings::from_iter(vars(&[("PORT", "4000"), ("AUTH_DEV_SECRET", "1234")]));
+        let s = Settings::from_vars(vars(&[("PORT", "4000"), ("AUTH_DEV_SECRET", "1234")]));
         // A numeric-looking secret is still a string setting.
         let s = s.expect("parse");
         assert_eq!(s.port, 4000);
         assert_eq!(s.auth_dev_secret.as_deref(), Some("1234"));
-        assert!(Settings::from_iter(vars(&[("PORT", "abc")])).is_err());
+        assert!(Settings::from_vars(vars(&[("PORT", "abc")])).is_err());
     }
 }

@@ -209,12 +209,13 @@ impl Worker {
                         }
                         return;
                     }
-                    if failures >= max_attempts && entries.len() == 1 {
-                        if self.processor.store.ping().await.is_ok() {
-                            let (p, entry) = &entries[0];
-                            self.dead_letter(*p, entry, &e).await;
-                            return;
-                        }
+                    if failures >= max_attempts
+                        && entries.len() == 1
+                        && self.processor.store.ping().await.is_ok()
+                    {
+                        let (p, entry) = &entries[0];
+                        self.dead_letter(*p, entry, &e).await;
+                        return;
                     }
                     let delay = backoff.next().unwrap_or(Duration::from_secs(2));
                     tokio::select! {

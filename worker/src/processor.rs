@@ -63,7 +63,7 @@ struct Other {
 enum Work {
     /// Index into the batch's messages.
     Send(usize),
-    Other(Other),
+    Other(Box<Other>),
 }
 
 /// The dedupe key of CONTRACT §4: `<userId>:<tempId>`, or
@@ -140,11 +140,11 @@ impl Processor {
                             verdict: Verdict::Persist,
                         });
                     }
-                    _ => work.push(Work::Other(Other {
+                    _ => work.push(Work::Other(Box::new(Other {
                         partition,
                         entry_id: entry.id,
                         env,
-                    })),
+                    }))),
                 },
                 Err(e) => {
                     // Undecodable: retrying cannot help.

@@ -246,7 +246,7 @@ mod tests {
     use super::*;
 
     fn settings(vars: &[(&str, &str)]) -> Settings {
-        Settings::from_iter(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+        Settings::from_vars(vars.iter().map(|(k, v)| (k.to_string(), v.to_string())))
             .expect("settings")
     }
 

@@ -93,26 +93,47 @@ fn fail(s: &SocketRef, ack: AckSender, error: &str, temp_id: Option<String>) {
     let _ = ack.send(&serde_json::json!({"status": "FAILED", "error": error}));
 }
 
-pub async fn send(app: &App, s: &SocketRef, session: &Session, inbound: Inbound) {
+/// A `message:send` that passed validation, registered as pending, ready
+/// to be appended.
+struct Prepared {
+    id: Uuid,
+    temp_id: Option<String>,
+    partition: u32,
+    bytes: Bytes,
+}
+
+/// Validates one `message:send` and builds its stream entry; answers the
+/// sender itself when it is refused.
+async fn prepare(
+    app: &App,
+    s: &SocketRef,
+    session: &Session,
+    inbound: Inbound,
+) -> Option<Prepared> {
     let Inbound { data, ack, .. } = inbound;
     let draft = match validate(app, data.as_ref()) {
         Ok(d) => d,
-        Err(error) => return fail(s, ack, &error, temp_id_of(data.as_ref())),
+        Err(error) => {
+            fail(s, ack, &error, temp_id_of(data.as_ref()));
+            return None;
+        }
     };
     if !session.is_member(&draft.channel_id) {
         let error = match app.store.channel(draft.channel_id).await {
             Ok(None) => "Channel not found",
             _ => "You are not a member of this channel",
         };
-        return fail(s, ack, error, draft.temp_id);
+        fail(s, ack, error, draft.temp_id);
+        return None;
     }
     if app.is_draining() {
-        return fail(
+        fail(
             s,
             ack,
             "Server is shutting down, please resend",
             draft.temp_id,
         );
+        return None;
     }
 
     let id = Uuid::now_v7();
@@ -139,41 +160,72 @@ pub async fn send(app: &App, s: &SocketRef, session: &Session, inbound: Inbound)
     let bytes = match protocol::encode(&envelope) {
         Ok(b) => Bytes::from(b),
         Err(e) => {
-            return fail(
+            fail(
                 s,
                 ack,
                 &format!("Could not encode the message: {e}"),
                 draft.temp_id,
-            )
+            );
+            return None;
         }
     };
-    let partition = partition_of(&draft.channel_id, app.settings.stream_partitions);
     app.pending.insert(id, Kind::Message, s.clone(), Some(ack));
-    match app.bus.append(partition, bytes).await {
-        Ok(_) => {
-            metrics::counter!("gateway_messages_accepted_total").increment(1);
-            let _ = s.emit(
-                events::MESSAGE_DELIVERED,
-                &MessageDelivered {
-                    message_id: id.to_string(),
-                    temp_id: draft.temp_id,
-                    status: DeliveryStatus::Sent,
-                    processed: None,
-                    timestamp: iso(Utc::now()),
-                },
-            );
-            app.pending.mark_sent(&id);
+    Some(Prepared {
+        id,
+        temp_id: draft.temp_id,
+        partition: partition_of(&draft.channel_id, app.settings.stream_partitions),
+        bytes,
+    })
+}
+
+/// Handles consecutive `message:send` events of one socket: validated one by
+/// one, appended in one round trip (in order), answered `SENT` in order.
+pub async fn send_batch(app: &App, s: &SocketRef, session: &Session, batch: Vec<Inbound>) {
+    let mut prepared = Vec::with_capacity(batch.len());
+    for inbound in batch {
+        if let Some(p) = prepare(app, s, session, inbound).await {
+            prepared.push(p);
         }
-        Err(e) => {
-            let error = match e {
-                BusError::Full => "Server is busy, please retry later".to_string(),
-                other => {
-                    tracing::warn!(error = %other, "stream append failed");
-                    "Message queue unavailable, please retry".to_string()
+    }
+    if prepared.is_empty() {
+        return;
+    }
+    let results = app
+        .bus
+        .append_many(
+            prepared
+                .iter()
+                .map(|p| (p.partition, p.bytes.clone()))
+                .collect(),
+        )
+        .await;
+    for (p, result) in prepared.into_iter().zip(results) {
+        match result {
+            Ok(_) => {
+                metrics::counter!("gateway_messages_accepted_total").increment(1);
+                let _ = s.emit(
+                    events::MESSAGE_DELIVERED,
+                    &MessageDelivered {
+                        message_id: p.id.to_string(),
+                        temp_id: p.temp_id,
+                        status: DeliveryStatus::Sent,
+                        processed: None,
+                        timestamp: iso(Utc::now()),
+                    },
+                );
+                app.pending.mark_sent(&p.id);
+            }
+            Err(e) => {
+                let error = match e {
+                    BusError::Full => "Server is busy, please retry later".to_string(),
+                    other => {
+                        tracing::warn!(error = %other, "stream append failed");
+                        "Message queue unavailable, please retry".to_string()
+                    }
+                };
+                if let Some(ack) = app.pending.abort(&p.id) {
+                    fail(s, ack, &error, p.temp_id);
                 }
-            };
-            if let Some(ack) = app.pending.abort(&id) {
-                fail(s, ack, &error, draft.temp_id);
             }
         }
     }

@@ -223,10 +223,34 @@ fn open_inbox(app: &App, s: &SocketRef, session: Arc<Session>) {
     metrics::gauge!("gateway_sockets_connected").increment(1.0);
 }
 
+/// Most events the inbox takes in one go (consecutive sends share one
+/// round trip to the stream).
+const INBOX_BATCH: usize = 128;
+
 async fn run_inbox(app: App, s: SocketRef, session: Arc<Session>, mut rx: mpsc::Receiver<Inbound>) {
-    while let Some(inbound) = rx.recv().await {
+    let mut batch = Vec::with_capacity(INBOX_BATCH);
+    while rx.recv_many(&mut batch, INBOX_BATCH).await > 0 {
+        let mut sends = Vec::new();
+        for inbound in batch.drain(..) {
+            if inbound.event == events::MESSAGE_SEND {
+                sends.push(inbound);
+                continue;
+            }
+            if !sends.is_empty() {
+                messages::send_batch(&app, &s, &session, std::mem::take(&mut sends)).await;
+            }
+            handle(&app, &s, &session, inbound).await;
+        }
+        if !sends.is_empty() {
+            messages::send_batch(&app, &s, &session, sends).await;
+        }
+    }
+}
+
+async fn handle(app: &App, s: &SocketRef, session: &Arc<Session>, inbound: Inbound) {
+    let (app, s, session) = (app.clone(), s.clone(), session.clone());
+    {
         match inbound.event.as_str() {
-            events::MESSAGE_SEND => messages::send(&app, &s, &session, inbound).await,
             events::CHANNEL_JOIN => membership::join(&app, &s, &session, inbound).await,
             events::MESSAGE_READ => reactions::read(&app, &s, &session, inbound).await,
             events::REACTION_ADD => reactions::react(&app, &s, &session, inbound, true).await,

@@ -140,6 +140,16 @@ pub trait Bus: Send + Sync + 'static {
     /// partition holds `STREAM_MAX_LEN` unacknowledged entries.
     async fn append(&self, partition: u32, payload: Bytes) -> BusResult<String>;
 
+    /// Appends several entries in order, in one round trip where the backend
+    /// allows; one result per entry.
+    async fn append_many(&self, entries: Vec<(u32, Bytes)>) -> Vec<BusResult<String>> {
+        let mut out = Vec::with_capacity(entries.len());
+        for (partition, payload) in entries {
+            out.push(self.append(partition, payload).await);
+        }
+        out
+    }
+
     /// Reads new entries of the given partitions for `consumer`, waiting up
     /// to `block` when there are none.
     async fn read(

@@ -388,6 +388,51 @@ impl Bus for RedisBus {
         }
     }
 
+    async fn append_many(&self, entries: Vec<(u32, Bytes)>) -> Vec<BusResult<String>> {
+        if entries.len() <= 1 {
+            let mut out = Vec::new();
+            for (p, payload) in entries {
+                out.push(self.append(p, payload).await);
+            }
+            return out;
+        }
+        let run = |entries: Vec<(u32, Bytes)>| async move {
+            let pipeline = self.cmd.pipeline();
+            let evalsha = CustomCommand::new_static("EVALSHA", None, false);
+            for (partition, payload) in entries {
+                let args = vec![
+                    Value::from(self.scripts.append.sha1().clone()),
+                    Value::from(1i64),
+                    Value::from(self.topics.stream(partition)),
+                    Value::from(self.max_len as i64),
+                    Value::Bytes(payload),
+                ];
+                let _: Result<(), _> = pipeline.custom(evalsha.clone(), args).await;
+            }
+            pipeline.try_all::<Option<String>>().await
+        };
+        let mut results = run(entries.clone()).await;
+        if results
+            .iter()
+            .any(|r| matches!(r, Err(e) if e.details().contains("NOSCRIPT")))
+        {
+            // Redis restarted and forgot the script: load it and run again
+            // (the entries were refused, not appended).
+            if let Err(e) = self.scripts.append.load(&self.cmd).await {
+                return entries.iter().map(|_| Err(unavailable(&e))).collect();
+            }
+            results = run(entries).await;
+        }
+        results
+            .into_iter()
+            .map(|r| match r {
+                Ok(Some(id)) => Ok(id),
+                Ok(None) => Err(BusError::Full),
+                Err(e) => Err(unavailable(e)),
+            })
+            .collect()
+    }
+
     async fn read(
         &self,
         partitions: &[u32],

@@ -178,7 +178,6 @@ class TestAuth {
 
   /** Publishes a new key (new kid) and signs with it from now on. Returns the new kid. */
   rotate() {
-    if (!this.current) this.start();
     this.current = newRsaKey();
     this.published.push(this.current);
     return this.current.kid;
@@ -271,7 +270,8 @@ class LogRing {
   }
 
   add(stream, line) {
-    this.lines.push(`${stream}| ${line}`);
+    // eslint-disable-next-line no-control-regex
+    this.lines.push(`${stream}| ${line.replace(/\x1b\[[0-9;]*m/g, '')}`);
     if (this.lines.length > this.limit) this.lines.splice(0, this.lines.length - this.limit);
   }
 
@@ -288,6 +288,7 @@ function baseEnv() {
   const env = {};
   for (const [k, v] of Object.entries(process.env)) if (!SCRUBBED_ENV.test(k)) env[k] = v;
   if (!env.RUST_LOG) env.RUST_LOG = 'warn,switchboard=info';
+  env.NO_COLOR = '1'; // plain logs in failure reports
   return env;
 }
 
@@ -840,6 +841,20 @@ export async function sendAndWait(socket, payload, timeoutMs = 10_000) {
     ['message:failed', after],
   ], timeoutMs);
   return { status: event === 'message:failed' ? 'FAILED' : 'DELIVERED', payload: result };
+}
+
+/**
+ * Polls `condition()` every 50 ms until it returns a truthy value (resolved
+ * with it); rejects after `timeoutMs` with `describe()` in the message.
+ */
+export async function waitUntil(condition, timeoutMs = 5000, describe = () => '') {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const value = await condition();
+    if (value) return value;
+    if (Date.now() > deadline) throw new Error(`condition not met within ${timeoutMs} ms ${describe()}`);
+    await sleep(50);
+  }
 }
 
 /** Resolves once `count` matching `event`s were recorded; with the list of their payloads. */

@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import {
-  addMember, connectUser, createChannel, fullHistory, received, uid, useCluster, waitForCount,
+  addMember, connectUser, createChannel, fullHistory, received, uid, useCluster, waitForCount, waitUntil,
 } from '../lib/harness.mjs';
 
 const sb = useCluster({ gateways: 2, workers: 2 });
@@ -25,6 +25,32 @@ async function channelWithReceivers(owner, receivers) {
   return { channel, sockets };
 }
 
+/** The message:failed errors a socket got, counted by error text ({} when none). */
+function failureSummary(socket) {
+  const summary = {};
+  for (const p of received(socket, 'message:failed')) summary[p.error] = (summary[p.error] || 0) + 1;
+  return summary;
+}
+
+/** Rethrows `error` with where every party stands: what was sent, delivered, received and persisted. */
+async function progress(error, channel, owner, sender, receivers) {
+  const count = (s, ev, pred) => received(s, ev, pred).length;
+  let persisted;
+  try {
+    persisted = (await fullHistory(sb.url(0), owner, channel.id)).length;
+  } catch (e) {
+    persisted = `unknown (${e.message})`;
+  }
+  const lines = [
+    `sender: SENT ${count(sender, 'message:delivered', (p) => p.status === 'SENT')}, `
+      + `DELIVERED ${count(sender, 'message:delivered', (p) => p.status === 'DELIVERED')}, `
+      + `FAILED ${count(sender, 'message:failed')} ${JSON.stringify(failureSummary(sender))}, created ${count(sender, 'message:created')}`,
+    ...receivers.map((s, n) => `receiver ${n} (gateway ${n % 2}): created ${count(s, 'message:created')}`),
+    `rows in history: ${persisted}`,
+  ];
+  throw new Error(`${error.message}\n  ${lines.join('\n  ')}`);
+}
+
 test(`one sender, ${COUNT} messages as fast as possible: every receiver gets all, in order, once`, { timeout: 120_000 }, async () => {
   const owner = uid('sender');
   const { channel, sockets: receivers } = await channelWithReceivers(owner, 4);
@@ -36,15 +62,18 @@ test(`one sender, ${COUNT} messages as fast as possible: every receiver gets all
 
   const expected = Array.from({ length: COUNT }, (_, i) => String(i));
   const inChannel = (p) => p.message?.channelId === channel.id;
+  const explain = (e) => progress(e, channel, owner, sender, receivers);
+
+  // First every send's outcome at the sender: all must be delivered.
+  const outcomes = () => received(sender, 'message:delivered', (p) => p.status === 'DELIVERED').length + received(sender, 'message:failed').length;
+  await waitUntil(() => outcomes() >= COUNT, 60_000, () => `(the sender has ${outcomes()} outcomes of ${COUNT})`).catch(explain);
+  assert.deepEqual(failureSummary(sender), {}, 'no message failed');
   for (const [n, socket] of receivers.entries()) {
-    const got = await waitForCount(socket, 'message:created', COUNT, inChannel, 60_000);
+    const got = await waitForCount(socket, 'message:created', COUNT, inChannel, 60_000).catch(explain);
     const tempIds = got.map((p) => p.tempId);
     assert.equal(new Set(tempIds).size, tempIds.length, `receiver ${n} (gateway ${n % 2}): duplicates`);
     assert.deepEqual(tempIds, expected, `receiver ${n} (gateway ${n % 2}) sees the send order`);
   }
-  const failed = received(sender, 'message:failed');
-  assert.deepEqual(failed, [], 'no message failed');
-  await waitForCount(sender, 'message:delivered', COUNT, (p) => p.status === 'DELIVERED', 30_000);
 
   const rows = await fullHistory(sb.url(1), owner, channel.id);
   assert.equal(rows.length, COUNT, 'history has every message once');
@@ -70,9 +99,15 @@ test('two senders on different gateways: all members see one and the same order,
   }
 
   const inChannel = (p) => p.message?.channelId === channel.id;
+  for (const s of [a, b]) {
+    const outcomes = () => received(s, 'message:delivered', (p) => p.status === 'DELIVERED').length + received(s, 'message:failed').length;
+    await waitUntil(() => outcomes() >= PER_SENDER, 60_000, () => `(sender ${s.userId} has ${outcomes()} outcomes of ${PER_SENDER})`);
+    assert.deepEqual(failureSummary(s), {}, `no message of ${s.userId} failed`);
+  }
   const orders = [];
   for (const socket of [...receivers, a, b]) {
-    const got = await waitForCount(socket, 'message:created', 2 * PER_SENDER, inChannel, 60_000);
+    const got = await waitForCount(socket, 'message:created', 2 * PER_SENDER, inChannel, 60_000)
+      .catch((e) => progress(e, channel, owner, a, [...receivers, b]));
     orders.push(got.map((p) => p.message.id));
   }
   for (const [n, order] of orders.entries()) assert.deepEqual(order, orders[0], `socket ${n} sees the same order as socket 0`);

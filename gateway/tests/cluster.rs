@@ -1,0 +1,279 @@
+//! Multi-process behaviour of a cluster: several gateways and workers, real
+//! Redis and PostgreSQL, the Rust Socket.IO client. Each test asserts what a
+//! chat user would observe.
+
+mod support;
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+use support::*;
+use switchboard_loadtest::client::{Client, Target};
+
+fn temp_ids(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["tempId"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn ids(events: &[Value]) -> Vec<String> {
+    events
+        .iter()
+        .map(|e| e["message"]["id"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// First occurrences only, in order (a receiver may see a redelivered event twice).
+fn first_occurrences(v: Vec<String>) -> Vec<String> {
+    let mut seen = HashSet::new();
+    v.into_iter().filter(|x| seen.insert(x.clone())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_url_readings_share_rooms_across_nodes() {
+    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let ch = cluster.channel("ann", &["bob"]).await;
+    let auth_bob = cluster.minter.auth("bob").expect("auth");
+    // Bob on node 1 through the namespace reading, Ann on node 0 through the path reading.
+    let mut bob = Client::connect(&Target::seed_namespace(&cluster.urls[1]), auth_bob)
+        .await
+        .expect("connect");
+    let ok = bob
+        .wait_for("connection:success", |_| true, T)
+        .await
+        .expect("success");
+    assert_eq!(ok["userId"], "bob");
+    assert_eq!(ok["channels"], json!([ch]));
+    let ann = cluster.connect(0, "ann").await;
+    let ack = ann
+        .call(
+            "message:send",
+            &json!({"content": "hi", "channelId": ch, "tempId": "a1"}),
+            T,
+        )
+        .await
+        .expect("ack");
+    assert_eq!(ack["status"], "DELIVERED", "{ack}");
+    let created = bob
+        .wait_for("message:created", |_| true, T)
+        .await
+        .expect("created on the other node");
+    assert_eq!(created["message"]["content"], "hi");
+    assert_eq!(created["message"]["id"], ack["messageId"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_messages_reach_every_node_in_one_order() {
+    let cluster = Cluster::start(ClusterOptions::default()).await;
+    let ch = cluster.channel("sam", &["r0", "r1", "r2", "r3"]).await;
+    let mut sender = cluster.connect(0, "sam").await;
+    let mut receivers = Vec::new();
+    for (i, user) in ["r0", "r1", "r2", "r3"].iter().enumerate() {
+        receivers.push(cluster.connect(i % 2, user).await);
+    }
+    let mut outsider = cluster.connect(1, "outsider").await;
+
+    let n = 500;
+    let sent = send_burst(&mut sender, &ch, "m", n).await;
+    assert_eq!(
+        sent.len(),
+        n,
+        "every message is accepted\n{}",
+        cluster.logs()
+    );
+
+    let expected: Vec<String> = (0..n).map(|i| format!("m-{i}")).collect();
+    for r in receivers.iter_mut() {
+        let got = collect_created(r, n, Duration::from_secs(30)).await;
+        assert_eq!(
+            temp_ids(&got),
+            expected,
+            "in order, none lost, none duplicated"
+        );
+    }
+    assert!(
+        outsider.next(Duration::from_millis(300)).await.is_none(),
+        "a non-member receives nothing"
+    );
+    let history = cluster.history("sam", &ch).await;
+    let seqs: Vec<i64> = history
+        .iter()
+        .map(|m| m["seq"].as_i64().unwrap_or(-1))
+        .collect();
+    assert_eq!(
+        seqs,
+        (1..=n as i64).collect::<Vec<_>>(),
+        "numbered 1..n in history"
+    );
+    let contents: Vec<String> = history
+        .iter()
+        .map(|m| m["content"].as_str().unwrap_or_default().to_string())
+        .collect();
+    let expected_contents: Vec<String> = (0..n).map(|i| format!("m {i}")).collect();
+    assert_eq!(
+        contents, expected_contents,
+        "history order is delivery order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_a_worker_mid_burst_loses_nothing() {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await;
+    let ch = cluster.channel("kim", &["kai"]).await;
+    let mut sender = cluster.connect(0, "kim").await;
+    let mut receiver = cluster.connect(1, "kai").await;
+
+    let n = 400;
+    let burst = async { send_burst(&mut sender, &ch, "k", n).await };
+    let killer = async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        // Kill whichever worker; the channel's partition is on one of them.
+        cluster.workers[0].kill9();
+        cluster.workers[1].kill9();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    };
+    let (sent, _) = tokio::join!(burst, killer);
+    // Fresh workers take over what the dead ones left pending.
+    cluster.add_worker();
+    cluster.add_worker();
+    assert_eq!(sent.len(), n, "every message is accepted");
+
+    let got = collect_created(&mut receiver, n, Duration::from_secs(40)).await;
+    let delivered: HashSet<String> = ids(&got).into_iter().collect();
+    let accepted: HashSet<String> = sent.values().cloned().collect();
+    // At-least-once fan-out: a redelivered batch may announce a message
+    // twice, so wait for the stragglers beyond `n` events too.
+    let mut got = got;
+    if delivered.len() < n {
+        got.extend(collect_created(&mut receiver, n, Duration::from_secs(20)).await);
+    }
+    let delivered: HashSet<String> = ids(&got).into_iter().collect();
+    assert_eq!(
+        delivered,
+        accepted,
+        "every accepted message is delivered\n{}",
+        cluster.logs()
+    );
+
+    let history = cluster.history("kim", &ch).await;
+    let stored: Vec<String> = history
+        .iter()
+        .map(|m| m["id"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(stored.len(), n, "persisted exactly once");
+    assert_eq!(stored.iter().cloned().collect::<HashSet<_>>(), accepted);
+    // One sender's messages are stored in the order sent.
+    let order: Vec<String> = history
+        .iter()
+        .map(|m| m["content"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert_eq!(order, (0..n).map(|i| format!("k {i}")).collect::<Vec<_>>());
+    assert_eq!(
+        first_occurrences(ids(&got)),
+        stored,
+        "delivery order is history order"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fan_out_resumes_after_a_redis_restart() {
+    let mut redis = PrivateRedis::start();
+    let cluster = Cluster::start(ClusterOptions {
+        gateways: 2,
+        workers: 1,
+        redis_url: Some(redis.url()),
+        ..Default::default()
+    })
+    .await;
+    let ch = cluster.channel("rita", &["ravi"]).await;
+    let sender = cluster.connect(0, "rita").await;
+    let mut receiver = cluster.connect(1, "ravi").await;
+    let before = sender
+        .call(
+            "message:send",
+            &json!({"content": "before", "channelId": ch, "tempId": "b"}),
+            T,
+        )
+        .await
+        .expect("ack");
+    assert_eq!(before["status"], "DELIVERED");
+    receiver
+        .wait_for("message:created", |_| true, T)
+        .await
+        .expect("before");
+
+    // Redis restarts empty; the sockets stay connected to their gateways.
+    redis.restart();
+
+    // Messages flow again once everyone reconnected (retry while the
+    // gateway's append still fails).
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let ack = sender
+            .call(
+                "message:send",
+                &json!({"content": "after", "channelId": ch, "tempId": format!("a{attempt}")}),
+                T,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("{e}\n{}", cluster.logs()));
+        if ack["status"] == "DELIVERED" {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no delivery after restart: {ack}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let after = receiver
+        .wait_for("message:created", |e| e["message"]["content"] == "after", T)
+        .await;
+    assert!(
+        after.is_ok(),
+        "the receiver's gateway re-subscribed after the restart\n{}",
+        cluster.logs()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_outage_delays_messages_but_loses_none() {
+    let proxy = FaultProxy::start("127.0.0.1:5432").await;
+    let cluster = Cluster::start(ClusterOptions {
+        gateways: 2,
+        workers: 1,
+        pg_hostport: Some(proxy.hostport()),
+        ..Default::default()
+    })
+    .await;
+    let ch = cluster.channel("dora", &["dan"]).await;
+    let mut sender = cluster.connect(0, "dora").await;
+    let mut receiver = cluster.connect(1, "dan").await;
+
+    proxy.cut();
+    let n = 20;
+    let sent = send_burst(&mut sender, &ch, "d", n).await;
+    assert_eq!(sent.len(), n, "accepted while the database is down");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        collect_created(&mut receiver, 1, Duration::from_millis(100))
+            .await
+            .is_empty(),
+        "nothing is announced before it is stored"
+    );
+    proxy.restore();
+
+    let got = collect_created(&mut receiver, n, Duration::from_secs(30)).await;
+    assert_eq!(
+        temp_ids(&got),
+        (0..n).map(|i| format!("d-{i}")).collect::<Vec<_>>(),
+        "all arrive, in order, once the database is back\n{}",
+        cluster.logs()
+    );
+    assert_eq!(cluster.history("dora", &ch).await.len(), n);
+}
