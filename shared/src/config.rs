@@ -254,6 +254,10 @@ pub struct Settings {
     /// Database connections per process.
     #[serde(default = "default_db_pool")]
     pub db_pool_size: u32,
+    /// Port of the worker's `/metrics` listener; unset means none. (The
+    /// gateway serves `/metrics` on `PORT`.)
+    #[serde(default)]
+    pub metrics_port: Option<u16>,
     /// How long SIGTERM waits for in-flight work.
     #[serde(default = "default_drain_ms")]
     pub drain_timeout_ms: u64,

@@ -45,9 +45,28 @@ pub fn init_tracing(service: &'static str) {
     }
 }
 
-/// Installs the Prometheus recorder and returns the handle `/metrics` renders.
+/// Latency buckets (seconds) of the histograms, from 1 ms to 10 s.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+
+fn builder() -> anyhow::Result<PrometheusBuilder> {
+    Ok(PrometheusBuilder::new().set_buckets(&LATENCY_BUCKETS)?)
+}
+
+/// Installs the Prometheus recorder and returns the handle `/metrics` renders
+/// (the gateway serves it on its own port).
 pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
-    Ok(PrometheusBuilder::new().install_recorder()?)
+    Ok(builder()?.install_recorder()?)
+}
+
+/// Installs the Prometheus recorder with its own `/metrics` listener on
+/// `port` (the worker, which serves no HTTP otherwise).
+pub fn init_metrics_listener(port: u16) -> anyhow::Result<()> {
+    builder()?
+        .with_http_listener(([0, 0, 0, 0], port))
+        .install()?;
+    Ok(())
 }
 
 /// The W3C trace context of the current span, to carry in a bus entry.

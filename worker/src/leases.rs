@@ -169,6 +169,10 @@ impl Leases {
                 // Unknown: keep acting until `valid_until`, then stop.
                 Err(e) => tracing::warn!(partition = p, error = %e, "lease renewal failed"),
             }
+            if let Ok(n) = self.bus.backlog(p).await {
+                metrics::gauge!("worker_stream_backlog", "partition" => p.to_string())
+                    .set(n as f64);
+            }
         }
     }
 

@@ -52,7 +52,10 @@ async fn main() -> anyhow::Result<()> {
                 matches!(settings.mode()?, Mode::Cluster { .. }),
                 "switchboard-worker needs REDIS_URL and DATABASE_URL; without them run switchboard-gateway, which embeds the worker"
             );
-            let _metrics = switchboard_shared::telemetry::init_metrics()?;
+            if let Some(port) = settings.metrics_port {
+                switchboard_shared::telemetry::init_metrics_listener(port)?;
+                tracing::info!(port, "metrics at /metrics");
+            }
             let backends = Backends::connect(&settings).await?;
             let worker = Worker::new(&backends, &settings);
             let cancel = CancellationToken::new();

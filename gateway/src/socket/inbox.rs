@@ -57,19 +57,56 @@ impl FromMessageParts<LocalAdapter> for Enqueue {
         };
         if let Err(mpsc::error::TrySendError::Full(inbound)) = tx.try_send(inbound) {
             metrics::counter!("gateway_inbox_full_total").increment(1);
-            let _ = inbound.ack.send(&serde_json::json!({
-                "ok": false,
-                "status": "FAILED",
-                "error": "Too many events in flight on this connection, slow down",
-            }));
-            let _ = s.emit(
-                switchboard_shared::protocol::events::MESSAGE_FAILED,
-                &switchboard_shared::protocol::MessageFailed::new(
-                    "Too many events in flight on this connection, slow down",
-                    None,
-                ),
-            );
+            refuse_full(s, inbound);
         }
         Ok(Enqueue)
     }
+}
+
+/// Answers an event refused because the inbox is full, in the shape of its
+/// area's errors, echoing what identifies it (`tempId`, `messageId`, …).
+fn refuse_full(s: &Arc<Socket<LocalAdapter>>, inbound: Inbound) {
+    use switchboard_shared::protocol::{
+        events, ChannelError, MessageError, MessageFailed, ReactionError,
+    };
+    const ERROR: &str = "Too many events in flight on this connection, slow down";
+    let field = |k: &str| {
+        inbound
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .and_then(|v| v.as_str())
+            .map(String::from)
+    };
+    let _ = match inbound.event.as_str() {
+        events::MESSAGE_SEND => s.emit(
+            events::MESSAGE_FAILED,
+            &MessageFailed::new(ERROR, field("tempId")),
+        ),
+        events::MESSAGE_READ => s.emit(
+            events::MESSAGE_ERROR,
+            &MessageError {
+                message_id: field("messageId"),
+                error: ERROR.into(),
+            },
+        ),
+        events::CHANNEL_JOIN => s.emit(
+            events::CHANNEL_ERROR,
+            &ChannelError {
+                channel_id: field("channelId"),
+                error: ERROR.into(),
+            },
+        ),
+        _ => s.emit(
+            events::REACTION_ERROR,
+            &ReactionError {
+                message_id: field("messageId"),
+                kind: field("type"),
+                error: ERROR.into(),
+            },
+        ),
+    };
+    let _ = inbound
+        .ack
+        .send(&serde_json::json!({"ok": false, "status": "FAILED", "error": ERROR}));
 }
