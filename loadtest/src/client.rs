@@ -260,6 +260,18 @@ impl Client {
         out
     }
 
+    /// Splits the client into a cheap, clonable emitter and its event stream
+    /// (the load generator reads events in one task and emits from another).
+    pub fn split(self) -> (Emitter, mpsc::UnboundedReceiver<Event>) {
+        (
+            Emitter {
+                sink: self.sink,
+                prefix: self.prefix,
+            },
+            self.events,
+        )
+    }
+
     /// Closes the socket.
     pub async fn close(&self) {
         let mut sink = self.sink.lock().await;
@@ -342,4 +354,25 @@ async fn read_loop(
         }
     }
     // Dropping `events` tells waiters the connection is gone.
+}
+
+/// The sending half of a [`Client`], for fire-and-forget events.
+#[derive(Clone)]
+pub struct Emitter {
+    sink: Arc<tokio::sync::Mutex<Sink>>,
+    prefix: String,
+}
+
+impl Emitter {
+    pub async fn emit(&self, event: &str, data: &Value) -> anyhow::Result<()> {
+        let frame = format!("42{}{}", self.prefix, serde_json::json!([event, data]));
+        self.sink.lock().await.send(Message::text(frame)).await?;
+        Ok(())
+    }
+
+    pub async fn close(&self) {
+        let mut sink = self.sink.lock().await;
+        let _ = sink.send(Message::text(format!("41{}", self.prefix))).await;
+        let _ = sink.close().await;
+    }
 }
