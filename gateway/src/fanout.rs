@@ -110,13 +110,17 @@ pub async fn start(app: App) -> BusResult<tokio::task::JoinHandle<()>> {
                 let Ok(channel) = Uuid::parse_str(id) else {
                     continue;
                 };
-                match protocol::decode::<ChannelEvent>(&msg.payload) {
-                    Ok(event) => emit_to_channel(&app, &channel, &event).await,
+                match protocol::decode::<Vec<ChannelEvent>>(&msg.payload) {
+                    Ok(events) => {
+                        for event in &events {
+                            emit_to_channel(&app, &channel, event).await;
+                        }
+                    }
                     Err(e) => tracing::warn!(error = %e, "undecodable channel event"),
                 }
             } else if msg.topic == node_topic {
-                match protocol::decode::<Outcome>(&msg.payload) {
-                    Ok(outcome) => app.pending.resolve(outcome),
+                match protocol::decode::<Vec<Outcome>>(&msg.payload) {
+                    Ok(outcomes) => outcomes.into_iter().for_each(|o| app.pending.resolve(o)),
                     Err(e) => tracing::warn!(error = %e, "undecodable outcome"),
                 }
             } else if msg.topic == membership_topic {
@@ -132,6 +136,9 @@ pub async fn start(app: App) -> BusResult<tokio::task::JoinHandle<()>> {
 async fn emit_to_channel(app: &App, channel: &Uuid, event: &ChannelEvent) {
     let room = channel_room(channel);
     for ns in NAMESPACES {
+        if !app.namespace_in_use(ns) {
+            continue;
+        }
         let Some(op) = app.io.of(ns) else { continue };
         let res = match event {
             ChannelEvent::MessageCreated(p) => op.to(room.clone()).emit(event.name(), p).await,

@@ -1,6 +1,6 @@
 //! The state every handler of a gateway node shares.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use socketioxide::SocketIo;
@@ -27,6 +27,9 @@ pub struct AppState {
     pub pending: Pending,
     pub io: SocketIo,
     draining: AtomicBool,
+    /// Authenticated sockets per namespace of [`NAMESPACES`], so fan-out
+    /// skips a namespace nobody uses instead of serialising for it.
+    ns_sockets: [AtomicUsize; 2],
 }
 
 pub type App = Arc<AppState>;
@@ -52,11 +55,31 @@ impl AppState {
             verifier,
             io,
             draining: AtomicBool::new(false),
+            ns_sockets: [AtomicUsize::new(0), AtomicUsize::new(0)],
         }
     }
 
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::Relaxed)
+    }
+
+    fn ns_index(ns: &str) -> usize {
+        NAMESPACES.iter().position(|n| *n == ns).unwrap_or(0)
+    }
+
+    /// Counts a socket in or out of its namespace.
+    pub fn count_socket(&self, ns: &str, delta: isize) {
+        let counter = &self.ns_sockets[Self::ns_index(ns)];
+        if delta >= 0 {
+            counter.fetch_add(delta as usize, Ordering::Relaxed);
+        } else {
+            counter.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+        }
+    }
+
+    /// Whether any authenticated socket is in namespace `ns`.
+    pub fn namespace_in_use(&self, ns: &str) -> bool {
+        self.ns_sockets[Self::ns_index(ns)].load(Ordering::Relaxed) > 0
     }
 
     pub fn start_draining(&self) {

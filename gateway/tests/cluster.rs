@@ -277,3 +277,117 @@ async fn a_database_outage_delays_messages_but_loses_none() {
     );
     assert_eq!(cluster.history("dora", &ch).await.len(), n);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_migrations_are_safe() {
+    // The cluster migrated once already; three more nodes migrating at the
+    // same moment must all succeed and leave a working schema.
+    let cluster = Cluster::start(ClusterOptions {
+        gateways: 1,
+        workers: 1,
+        ..Default::default()
+    })
+    .await;
+    let fresh = format!("{}_m", cluster.db);
+    let admin = pg_admin_url();
+    let status = std::process::Command::new("psql")
+        .args([&admin, "-qAtc", &format!("CREATE DATABASE {fresh}")])
+        .status()
+        .expect("psql");
+    assert!(status.success());
+    let url = format!("postgres://postgres@127.0.0.1:5432/{fresh}");
+    let children: Vec<_> = (0..3)
+        .map(|_| {
+            std::process::Command::new(bin("switchboard-worker"))
+                .arg("migrate")
+                .env("DATABASE_URL", &url)
+                .env("REDIS_URL", redis_url())
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("spawn migrate")
+        })
+        .collect();
+    for c in children {
+        let out = c.wait_with_output().expect("wait");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let tables = std::process::Command::new("psql")
+        .args([
+            &format!("postgres://postgres@127.0.0.1:5432/{fresh}"),
+            "-qAtc",
+            "SELECT count(*) FROM seaql_migrations",
+        ])
+        .output()
+        .expect("psql");
+    assert_eq!(
+        String::from_utf8_lossy(&tables.stdout).trim(),
+        "1",
+        "applied once"
+    );
+    let _ = std::process::Command::new("psql")
+        .args([
+            &admin,
+            "-qAtc",
+            &format!("DROP DATABASE {fresh} WITH (FORCE)"),
+        ])
+        .status();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_stream_refuses_at_once_and_keeps_what_it_accepted() {
+    // No worker: entries pile up in the stream until STREAM_MAX_LEN.
+    let mut cluster = Cluster::start(ClusterOptions {
+        gateways: 1,
+        workers: 0,
+        env: vec![
+            ("STREAM_MAX_LEN".into(), "3".into()),
+            ("STREAM_PARTITIONS".into(), "1".into()),
+        ],
+        ..Default::default()
+    })
+    .await;
+    let ch = cluster.channel("fay", &[]).await;
+    let mut fay = cluster.connect(0, "fay").await;
+    for i in 0..5 {
+        fay.emit(
+            "message:send",
+            &json!({"content": format!("f {i}"), "channelId": ch, "tempId": format!("f{i}")}),
+        )
+        .await
+        .expect("emit");
+    }
+    let mut sent = Vec::new();
+    let mut failed = Vec::new();
+    while sent.len() + failed.len() < 5 {
+        let e = fay.next(T).await.expect("an answer for every message");
+        match e.name.as_str() {
+            "message:delivered" => {
+                sent.push(e.data["tempId"].as_str().unwrap_or_default().to_string())
+            }
+            "message:failed" => {
+                assert_eq!(e.data["error"], "Server is busy, please retry later");
+                failed.push(e.data["tempId"].as_str().unwrap_or_default().to_string());
+            }
+            _ => {}
+        }
+    }
+    assert_eq!(sent, ["f0", "f1", "f2"]);
+    assert_eq!(failed, ["f3", "f4"]);
+    // A worker arrives: what was accepted is delivered.
+    cluster.add_worker();
+    for t in ["f0", "f1", "f2"] {
+        fay.wait_for(
+            "message:delivered",
+            |d| d["tempId"] == t && d["status"] == "DELIVERED",
+            T,
+        )
+        .await
+        .expect("delivered once a worker runs");
+    }
+    assert_eq!(cluster.history("fay", &ch).await.len(), 3);
+}

@@ -317,8 +317,8 @@ pub struct SendMessage {
     pub reply_to_id: Option<Uuid>,
 }
 
-/// Fanned out on a channel's topic; every gateway holding a member socket
-/// emits it into its local room.
+/// Fanned out on a channel's topic (a batch of them per message, in order);
+/// every gateway holding a member socket emits them into its local room.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub enum ChannelEvent {
     MessageCreated(MessageCreated),
@@ -340,8 +340,8 @@ impl ChannelEvent {
     }
 }
 
-/// Published on a gateway node's own topic: the final outcome of one
-/// command for the socket that sent it.
+/// Published on a gateway node's own topic (a batch of them per message):
+/// the final outcome of one command for the socket that sent it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct Outcome {
     pub origin: Origin,

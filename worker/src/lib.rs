@@ -249,7 +249,7 @@ impl Worker {
                     error: "The request could not be processed".into(),
                 },
             };
-            if let Ok(bytes) = protocol::encode(&outcome) {
+            if let Ok(bytes) = protocol::encode(&[outcome]) {
                 let topic = self.processor.topics.node(&env.origin.node);
                 let _ = self.bus().publish(vec![(topic, Bytes::from(bytes))]).await;
             }

@@ -259,7 +259,10 @@ impl Processor {
 
         // 3. Apply reactions and reads (their messages are stored by now),
         //    and fan everything out in stream order.
-        let mut publish: Vec<(String, Bytes)> = Vec::with_capacity(work.len() * 2);
+        // One publish per topic per batch: a channel's events in stream
+        // order, a node's outcomes in stream order.
+        let mut channel_events: Vec<(Uuid, Vec<ChannelEvent>)> = Vec::new();
+        let mut node_outcomes: Vec<(String, Vec<Outcome>)> = Vec::new();
         let mut settle_set = Vec::new();
         let mut settle_del = Vec::new();
         for w in &work {
@@ -294,12 +297,11 @@ impl Processor {
                 }
             };
             if let Some(event) = event {
-                let bytes = protocol::encode(&event).map_err(|e| transient(&e))?;
                 let channel = match w {
                     Work::Send(i) => items[*i].msg.channel_id,
                     Work::Other(o) => o.env.command.channel_id(),
                 };
-                publish.push((self.topics.channel(&channel), Bytes::from(bytes)));
+                push_grouped(&mut channel_events, channel, event);
             }
             let outcome = Outcome {
                 origin: origin.clone(),
@@ -307,8 +309,17 @@ impl Processor {
                 temp_id,
                 result,
             };
-            let bytes = protocol::encode(&outcome).map_err(|e| transient(&e))?;
-            publish.push((self.topics.node(&origin.node), Bytes::from(bytes)));
+            push_grouped(&mut node_outcomes, origin.node.clone(), outcome);
+        }
+        let mut publish: Vec<(String, Bytes)> =
+            Vec::with_capacity(channel_events.len() + node_outcomes.len());
+        for (channel, events) in &channel_events {
+            let bytes = protocol::encode(events).map_err(|e| transient(&e))?;
+            publish.push((self.topics.channel(channel), Bytes::from(bytes)));
+        }
+        for (node, outcomes) in &node_outcomes {
+            let bytes = protocol::encode(outcomes).map_err(|e| transient(&e))?;
+            publish.push((self.topics.node(node), Bytes::from(bytes)));
         }
         self.bus.publish(publish).await.map_err(|e| transient(&e))?;
 
@@ -432,6 +443,15 @@ fn send_result(
             },
             None,
         )),
+    }
+}
+
+/// Appends `value` to the group of `key`, keeping first-seen group order
+/// (a batch touches few topics, so a linear scan beats hashing).
+fn push_grouped<K: PartialEq, V>(groups: &mut Vec<(K, Vec<V>)>, key: K, value: V) {
+    match groups.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, values)) => values.push(value),
+        None => groups.push((key, vec![value])),
     }
 }
 

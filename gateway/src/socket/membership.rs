@@ -127,7 +127,7 @@ pub async fn join(app: &App, s: &SocketRef, session: &Session, inbound: Inbound)
     if added == AddMember::Added {
         announce(app, &user, channel_id).await;
         let event = ChannelEvent::UserJoined(joined.clone());
-        if let Ok(bytes) = protocol::encode(&event) {
+        if let Ok(bytes) = protocol::encode(&[event]) {
             let _ = app
                 .bus
                 .publish(vec![(app.topics.channel(&channel_id), Bytes::from(bytes))])

@@ -217,8 +217,10 @@ fn open_inbox(app: &App, s: &SocketRef, session: Arc<Session>) {
             .subscriptions
             .release(&disconnect_session.channel_list())
             .await;
+        disconnect_app.count_socket(s.ns(), -1);
         metrics::gauge!("gateway_sockets_connected").decrement(1.0);
     });
+    app.count_socket(s.ns(), 1);
     tokio::spawn(run_inbox(app.clone(), s.clone(), session, rx));
     metrics::gauge!("gateway_sockets_connected").increment(1.0);
 }

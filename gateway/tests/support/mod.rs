@@ -30,7 +30,7 @@ pub fn pg_admin_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
 }
 
-fn bin(name: &str) -> PathBuf {
+pub fn bin(name: &str) -> PathBuf {
     // Integration tests run from target/<profile>/deps; the binaries are one up.
     let gw = PathBuf::from(env!("CARGO_BIN_EXE_switchboard-gateway"));
     gw.with_file_name(name)
@@ -240,6 +240,11 @@ impl Cluster {
         self.gateways.push(p);
         self.urls.push(url.clone());
         url
+    }
+
+    /// The environment every process of this cluster gets.
+    pub fn env(&self) -> &[(String, String)] {
+        &self.env
     }
 
     pub fn token(&self, user: &str) -> String {
