@@ -125,6 +125,14 @@ pub async fn serve(mut settings: Settings) -> anyhow::Result<()> {
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let local = listener.local_addr()?;
+    // Small frames (SENT, DELIVERED, room events) must leave at once: without
+    // TCP_NODELAY, Nagle's algorithm holds each one behind the previous
+    // frame's delayed ACK (~40 ms).
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "TCP_NODELAY not set");
+        }
+    });
     tracing::info!(node = %node_id, %local, embedded = backends.embedded, "gateway listening");
     if backends.embedded {
         crate::embedded::print_banner(&settings, local);

@@ -97,7 +97,7 @@ impl Client {
         );
         let stream = match local_ip {
             None => {
-                let (ws, _) = tokio_tungstenite::connect_async(&url)
+                let (ws, _) = tokio_tungstenite::connect_async_with_config(&url, None, true)
                     .await
                     .with_context(|| format!("websocket connect to {url}"))?;
                 ws

@@ -57,7 +57,18 @@ fn builder() -> anyhow::Result<PrometheusBuilder> {
 /// Installs the Prometheus recorder and returns the handle `/metrics` renders
 /// (the gateway serves it on its own port).
 pub fn init_metrics() -> anyhow::Result<PrometheusHandle> {
-    Ok(builder()?.install_recorder()?)
+    let handle = builder()?.install_recorder()?;
+    // Histogram samples pile up until drained: without a scraper, memory
+    // would grow with every recorded latency. Drain them periodically.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
 }
 
 /// Installs the Prometheus recorder with its own `/metrics` listener on

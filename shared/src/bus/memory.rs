@@ -78,7 +78,7 @@ fn seq_of(id: &str) -> Option<u64> {
 
 impl MemoryBus {
     pub fn new(max_len: u64) -> Self {
-        let (incoming, _) = broadcast::channel(1 << 16);
+        let (incoming, _) = broadcast::channel(4096);
         Self {
             state: Mutex::new(State::default()),
             appended: Notify::new(),

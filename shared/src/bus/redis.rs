@@ -99,9 +99,11 @@ if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
 return n
 "#;
 
-/// Capacity of the channel between the subscriber and its readers. A reader
-/// that falls this far behind loses messages, which is counted.
-const INCOMING_CAPACITY: usize = 1 << 16;
+/// Capacity (in pub/sub messages, each a batch of events) of the channel
+/// between the subscriber and its readers. A reader that falls this far
+/// behind loses messages, which is counted and logged. A broadcast channel
+/// keeps its last `capacity` payloads alive, so this also bounds memory.
+const INCOMING_CAPACITY: usize = 4096;
 
 struct Scripts {
     append: Script,
