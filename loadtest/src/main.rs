@@ -111,6 +111,10 @@ struct ChatArgs {
     /// Seconds to wait for stragglers after the last send.
     #[arg(long, default_value_t = 5)]
     drain: u64,
+    /// Seconds at the start whose latencies are not recorded (connection
+    /// set-up, caches, lease balancing); counts include them.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
 }
 
 #[derive(Args)]
@@ -125,6 +129,8 @@ struct FanoutArgs {
     duration: u64,
     #[arg(long, default_value_t = 5)]
     drain: u64,
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
 }
 
 fn minter(c: &Common) -> anyhow::Result<Minter> {
@@ -302,6 +308,7 @@ struct Plan {
     duration: u64,
     senders: usize,
     drain: u64,
+    warmup: u64,
 }
 
 async fn chat(plan: Plan) -> anyhow::Result<Value> {
@@ -360,6 +367,9 @@ async fn chat(plan: Plan) -> anyhow::Result<Value> {
 
     let base_instant = Instant::now();
     let micros = move || base_instant.elapsed().as_micros() as u64;
+    // Sending starts about now; latencies of messages due in the first
+    // `warmup` seconds are not recorded.
+    let warm_from = Duration::from_secs(plan.warmup).as_micros() as u64;
     let mut emitters = Vec::new();
     let mut readers = Vec::new();
     for c in clients.into_iter().flatten() {
@@ -396,7 +406,9 @@ async fn chat(plan: Plan) -> anyhow::Result<Value> {
                             .and_then(|c| c.rsplit(' ').next())
                             .and_then(|t| t.parse::<u64>().ok())
                         {
-                            let _ = st.created_latency.record(now.saturating_sub(t).max(1));
+                            if t >= warm_from {
+                                let _ = st.created_latency.record(now.saturating_sub(t).max(1));
+                            }
                         }
                     }
                     "message:delivered" => {
@@ -408,7 +420,7 @@ async fn chat(plan: Plan) -> anyhow::Result<Value> {
                             st.sent += 1;
                         } else {
                             st.delivered += 1;
-                            if let Some(t) = t {
+                            if let Some(t) = t.filter(|t| *t >= warm_from) {
                                 let _ = st.delivered_latency.record(now.saturating_sub(t).max(1));
                             }
                         }
@@ -541,6 +553,7 @@ async fn chat(plan: Plan) -> anyhow::Result<Value> {
         "senders": senders,
         "rate": plan.rate,
         "duration_s": plan.duration,
+        "warmup_s": plan.warmup,
         "sent": sent,
         "accepted_sent": sent_ok,
         "persisted_delivered": delivered,
@@ -571,6 +584,7 @@ async fn main() -> anyhow::Result<()> {
                 duration: a.duration,
                 senders,
                 drain: a.drain,
+                warmup: a.warmup,
             })
             .await?
         }
@@ -583,6 +597,7 @@ async fn main() -> anyhow::Result<()> {
                 duration: a.duration,
                 senders: 1,
                 drain: a.drain,
+                warmup: a.warmup,
             })
             .await?
         }
