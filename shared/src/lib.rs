@@ -5,11 +5,13 @@
 //! - [`bus`]: the gateway ↔ worker seam (Redis or in-memory).
 //! - [`store`]: the database (PostgreSQL or SQLite through sea-orm).
 //! - [`telemetry`]: logs, traces, metrics.
+//! - [`shutdown`]: SIGTERM / Ctrl-C.
 //! - [`backends`]: picks and connects the bus and store for a [`config::Mode`].
 
 pub mod backends;
 pub mod bus;
 pub mod config;
 pub mod protocol;
+pub mod shutdown;
 pub mod store;
 pub mod telemetry;

@@ -8,8 +8,8 @@ use serde_json::Value;
 use socketioxide::extract::{AckSender, SocketRef};
 use switchboard_shared::bus::{partition_of, BusError};
 use switchboard_shared::protocol::{
-    self, events, iso, Author, Command, CommandEnvelope, DeliveryStatus, MessageDelivered,
-    MessageFailed, Origin, SendMessage,
+    self, events, iso, Author, Command, DeliveryStatus, MessageDelivered, MessageFailed,
+    SendMessage,
 };
 use uuid::Uuid;
 
@@ -137,14 +137,10 @@ async fn prepare(
     }
 
     let id = Uuid::now_v7();
-    let envelope = CommandEnvelope {
-        origin: Origin {
-            node: app.node_id.clone(),
-            ns: s.ns().to_string(),
-            sid: s.id.to_string(),
-        },
-        trace: switchboard_shared::telemetry::current_trace_context(),
-        command: Command::SendMessage(SendMessage {
+    let envelope = super::envelope(
+        app,
+        s,
+        Command::SendMessage(SendMessage {
             id,
             channel_id: draft.channel_id,
             author: Author {
@@ -156,7 +152,7 @@ async fn prepare(
             temp_id: draft.temp_id.clone(),
             reply_to_id: draft.reply_to_id,
         }),
-    };
+    );
     let bytes = match protocol::encode(&envelope) {
         Ok(b) => Bytes::from(b),
         Err(e) => {

@@ -28,7 +28,9 @@ use std::time::Duration;
 use axum::extract::ConnectInfo;
 use socketioxide::extract::{SocketRef, TryData};
 use socketioxide::handler::ConnectHandler;
-use switchboard_shared::protocol::{errors, events, ConnectionError, ConnectionSuccess};
+use switchboard_shared::protocol::{
+    errors, events, Command, CommandEnvelope, ConnectionError, ConnectionSuccess, Origin,
+};
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
@@ -65,6 +67,20 @@ impl Session {
             .lock()
             .map(|c| c.iter().copied().collect())
             .unwrap_or_default()
+    }
+}
+
+/// The stream entry of a command from socket `s`: where its answer goes,
+/// and the trace it continues.
+pub fn envelope(app: &App, s: &SocketRef, command: Command) -> CommandEnvelope {
+    CommandEnvelope {
+        origin: Origin {
+            node: app.node_id.clone(),
+            ns: s.ns().to_string(),
+            sid: s.id.to_string(),
+        },
+        trace: switchboard_shared::telemetry::current_trace_context(),
+        command,
     }
 }
 

@@ -9,8 +9,7 @@ use serde_json::Value;
 use socketioxide::extract::SocketRef;
 use switchboard_shared::bus::{partition_of, BusError};
 use switchboard_shared::protocol::{
-    self, events, Command, CommandEnvelope, MessageError, Origin, ReactionCommand, ReactionError,
-    ReadCommand,
+    self, events, Command, MessageError, ReactionCommand, ReactionError, ReadCommand,
 };
 use uuid::Uuid;
 
@@ -54,15 +53,7 @@ async fn submit(
     kind: Kind,
     command: Command,
 ) -> Result<(), (Inbound, String)> {
-    let envelope = CommandEnvelope {
-        origin: Origin {
-            node: app.node_id.clone(),
-            ns: s.ns().to_string(),
-            sid: s.id.to_string(),
-        },
-        trace: switchboard_shared::telemetry::current_trace_context(),
-        command,
-    };
+    let envelope = super::envelope(app, s, command);
     let bytes = match protocol::encode(&envelope) {
         Ok(b) => Bytes::from(b),
         Err(e) => return Err((inbound, format!("Could not encode the request: {e}"))),

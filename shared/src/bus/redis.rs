@@ -232,7 +232,16 @@ impl RedisBus {
         for _ in partitions {
             args.push(">".into());
         }
+        // A read in flight when Redis goes away must fail soon, not wait for
+        // the reconnect: the worker's loop has leases to re-take meanwhile.
+        let opts = Options {
+            timeout: Some(block + Duration::from_secs(1)),
+            max_attempts: Some(1),
+            fail_fast: true,
+            ..Default::default()
+        };
         self.reader
+            .with_options(&opts)
             .custom(CustomCommand::new_static("XREADGROUP", None, true), args)
             .await
     }
