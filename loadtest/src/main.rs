@@ -214,12 +214,16 @@ async fn open_connections(
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
             let t0 = Instant::now();
-            let auth = auth.ok()?;
-            let mut c = Client::connect_from(&target, auth, ip).await.ok()?;
-            c.wait_for("connection:success", |_| true, Duration::from_secs(30))
-                .await
-                .ok()?;
-            Some((c, t0.elapsed()))
+            let attempt = async {
+                let mut c = Client::connect_from(&target, auth?, ip).await?;
+                c.wait_for("connection:success", |_| true, Duration::from_secs(30))
+                    .await?;
+                anyhow::Ok(c)
+            };
+            match attempt.await {
+                Ok(c) => Ok((c, t0.elapsed())),
+                Err(e) => Err(e.to_string()),
+            }
         }));
         if i % 5000 == 4999 {
             eprintln!("  … {} connections started", i + 1);
@@ -229,12 +233,20 @@ async fn open_connections(
     let mut out = Vec::with_capacity(tasks.len());
     let mut failed = 0;
     for t in tasks {
-        match t.await.ok().flatten() {
-            Some((c, d)) => {
+        match t.await {
+            Ok(Ok((c, d))) => {
                 let _ = h.record(d.as_micros().max(1) as u64);
                 out.push(Some(c));
             }
-            None => {
+            Ok(Err(e)) => {
+                if failed < 3 {
+                    eprintln!("  connection failed: {e}");
+                }
+                failed += 1;
+                out.push(None);
+            }
+            Err(e) => {
+                eprintln!("  connection task failed: {e}");
                 failed += 1;
                 out.push(None);
             }
@@ -354,12 +366,21 @@ async fn chat(plan: Plan) -> anyhow::Result<Value> {
                     .await
             }
         });
-        for r in futures::future::join_all(adds).await {
+        // Bounded concurrency: each call holds a socket, and the sockets
+        // are needed for the chat connections (RLIMIT_NOFILE).
+        use futures::StreamExt;
+        let results: Vec<_> = futures::stream::iter(adds)
+            .buffer_unordered(32)
+            .collect()
+            .await;
+        for r in results {
             r?.error_for_status().context("add member")?;
         }
         channel_ids.push(id);
     }
 
+    // Close the REST client's pooled connections before opening sockets.
+    drop(http);
     eprintln!("connecting {} sockets…", plan.connections);
     let (clients, connect_h, connect_failed) =
         open_connections(&plan.common, &minter, users.clone(), 5000).await;
