@@ -251,15 +251,6 @@ impl Client {
         }
     }
 
-    /// Every event received so far, without waiting (drains the queue).
-    pub fn drain(&mut self) -> Vec<Event> {
-        let mut out: Vec<Event> = self.backlog.drain(..).collect();
-        while let Ok(e) = self.events.try_recv() {
-            out.push(e);
-        }
-        out
-    }
-
     /// Splits the client into a cheap, clonable emitter and its event stream
     /// (the load generator reads events in one task and emits from another).
     pub fn split(self) -> (Emitter, mpsc::UnboundedReceiver<Event>) {

@@ -33,6 +33,8 @@ struct Table {
     held: BTreeMap<u32, Held>,
     /// Fair share from the last heartbeat.
     target: usize,
+    /// When the processing loop last rebalanced.
+    last_rebalance: Option<Instant>,
 }
 
 /// The lease table shared by the keeper task and the processing loop.
@@ -55,6 +57,7 @@ impl Leases {
             table: Arc::new(Mutex::new(Table {
                 held: BTreeMap::new(),
                 target: partitions as usize,
+                last_rebalance: None,
             })),
         }
     }
@@ -92,9 +95,20 @@ impl Leases {
     /// Acquires free partitions up to the fair share and releases the ones
     /// above it. Returns the newly acquired partitions, whose pending entries
     /// the caller must take over before reading new ones.
+    ///
+    /// Runs at most once per renewal period (`ttl / 3`): the loop calls it
+    /// between every batch, and a worker whose share cannot be reached (more
+    /// workers than `partitions / share`) must not retry every free-looking
+    /// partition on the hot path.
     pub async fn rebalance(&self) -> Vec<u32> {
         let (held, target) = {
-            let t = self.lock();
+            let mut t = self.lock();
+            if t.last_rebalance
+                .is_some_and(|last| last.elapsed() < self.ttl / 3)
+            {
+                return Vec::new();
+            }
+            t.last_rebalance = Some(Instant::now());
             (t.held.keys().copied().collect::<Vec<_>>(), t.target)
         };
         let mut acquired = Vec::new();

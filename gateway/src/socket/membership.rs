@@ -69,16 +69,11 @@ pub async fn announce(app: &App, user_id: &str, channel_id: Uuid) {
 }
 
 fn refuse(s: &SocketRef, inbound: Inbound, channel_id: Option<String>, error: &str) {
-    let _ = s.emit(
-        events::CHANNEL_ERROR,
-        &ChannelError {
-            channel_id,
-            error: error.to_string(),
-        },
-    );
-    let _ = inbound
-        .ack
-        .send(&serde_json::json!({"ok": false, "error": error}));
+    let payload = ChannelError {
+        channel_id,
+        error: error.to_string(),
+    };
+    super::refuse(s, inbound.ack, events::CHANNEL_ERROR, &payload, error);
 }
 
 pub async fn join(app: &App, s: &SocketRef, session: &Session, inbound: Inbound) {

@@ -265,17 +265,28 @@ async fn run_inbox(app: App, s: SocketRef, session: Arc<Session>, mut rx: mpsc::
     }
 }
 
-async fn handle(app: &App, s: &SocketRef, session: &Arc<Session>, inbound: Inbound) {
-    let (app, s, session) = (app.clone(), s.clone(), session.clone());
-    {
-        match inbound.event.as_str() {
-            events::CHANNEL_JOIN => membership::join(&app, &s, &session, inbound).await,
-            events::MESSAGE_READ => reactions::read(&app, &s, &session, inbound).await,
-            events::REACTION_ADD => reactions::react(&app, &s, &session, inbound, true).await,
-            events::REACTION_REMOVE => reactions::react(&app, &s, &session, inbound, false).await,
-            _ => {}
-        }
+async fn handle(app: &App, s: &SocketRef, session: &Session, inbound: Inbound) {
+    match inbound.event.as_str() {
+        events::CHANNEL_JOIN => membership::join(app, s, session, inbound).await,
+        events::MESSAGE_READ => reactions::read(app, s, session, inbound).await,
+        events::REACTION_ADD => reactions::react(app, s, session, inbound, true).await,
+        events::REACTION_REMOVE => reactions::react(app, s, session, inbound, false).await,
+        _ => {}
     }
+}
+
+/// Refuses an event: its area's error event to the caller (`channel:error`,
+/// `reaction:error`, `message:error`) and `{ok: false, error}` to its
+/// acknowledgement callback (CONTRACT §3).
+pub fn refuse<T: serde::Serialize>(
+    s: &SocketRef,
+    ack: socketioxide::extract::AckSender,
+    event: &str,
+    payload: &T,
+    error: &str,
+) {
+    let _ = s.emit(event, payload);
+    let _ = ack.send(&serde_json::json!({"ok": false, "error": error}));
 }
 
 async fn on_connect(app: App, s: SocketRef) {

@@ -87,17 +87,12 @@ fn reaction_error(
     kind: Option<String>,
     error: &str,
 ) {
-    let _ = s.emit(
-        events::REACTION_ERROR,
-        &ReactionError {
-            message_id,
-            kind,
-            error: error.to_string(),
-        },
-    );
-    let _ = inbound
-        .ack
-        .send(&serde_json::json!({"ok": false, "error": error}));
+    let payload = ReactionError {
+        message_id,
+        kind,
+        error: error.to_string(),
+    };
+    super::refuse(s, inbound.ack, events::REACTION_ERROR, &payload, error);
 }
 
 pub async fn react(app: &App, s: &SocketRef, session: &Session, inbound: Inbound, add: bool) {
@@ -143,16 +138,11 @@ pub async fn react(app: &App, s: &SocketRef, session: &Session, inbound: Inbound
 }
 
 fn read_error(s: &SocketRef, inbound: Inbound, message_id: Option<String>, error: &str) {
-    let _ = s.emit(
-        events::MESSAGE_ERROR,
-        &MessageError {
-            message_id,
-            error: error.to_string(),
-        },
-    );
-    let _ = inbound
-        .ack
-        .send(&serde_json::json!({"ok": false, "error": error}));
+    let payload = MessageError {
+        message_id,
+        error: error.to_string(),
+    };
+    super::refuse(s, inbound.ack, events::MESSAGE_ERROR, &payload, error);
 }
 
 pub async fn read(app: &App, s: &SocketRef, session: &Session, inbound: Inbound) {

@@ -524,14 +524,6 @@ impl Store {
             .await?;
         Ok(res.rows_affected > 0)
     }
-
-    pub async fn message_count(&self, channel_id: Uuid) -> Result<u64, DbErr> {
-        use sea_orm::PaginatorTrait;
-        message::Entity::find()
-            .filter(message::Column::ChannelId.eq(channel_id))
-            .count(&self.db)
-            .await
-    }
 }
 
 fn member_row(
