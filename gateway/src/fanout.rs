@@ -1,136 +1,188 @@
-//! Fan-out on a gateway: which pub/sub topics this node listens to, and how
-//! what arrives there reaches the local sockets.
+//! Fan-out on a gateway: the one task that takes everything arriving on
+//! this node's pub/sub topics and hands it to the local sockets.
 //!
-//! A node subscribes to a channel's topic when its first local socket enters
-//! the channel and unsubscribes after the last one leaves, so its fan-out
-//! traffic grows with its own sockets' channels, not with the cluster's. It
-//! also listens to its own node topic (answers for its sockets) and to the
-//! membership topic (someone joined a channel somewhere).
+//! - channel topics: events emitted into the channel's room (both
+//!   namespaces), `message:created` in `seq` order with no hole and no
+//!   duplicate: a redelivered message is dropped, a jump in `seq` is
+//!   repaired from the database before the later message is emitted
+//!   (CONTRACT §9);
+//! - the node topic: outcomes of this node's writes, to [`crate::pending`];
+//! - the membership topic: someone became a member somewhere; their
+//!   sockets here enter the room (in a task of its own: the dispatcher never
+//!   waits on Redis).
+//!
+//! After a pub/sub gap (reconnect + re-subscribe, or this task falling
+//! behind) whatever was published meanwhile is gone: every tracked channel
+//! is compared with the database and repaired, and waiting writes whose rows
+//! are stored are answered.
 
-use std::collections::HashMap;
-use std::sync::Arc;
-
-use switchboard_shared::bus::{Bus, BusResult, TopicMessage, Topics};
-use switchboard_shared::protocol::{self, ChannelEvent, MembershipChange, Outcome};
-use tokio::sync::{broadcast, Mutex};
+use switchboard_shared::bus::{BusResult, TopicMessage};
+use switchboard_shared::protocol::{self, ChannelEvent, MembershipChange, MessageCreated, Outcome};
+use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
-use crate::state::{channel_room, user_room, App, NAMESPACES};
+use crate::state::{channel_room, App, NAMESPACES};
+use crate::subscriptions::Step;
 
-/// Reference counts of local sockets per channel, and the subscriptions
-/// they imply. One async lock orders every subscribe and unsubscribe, so an
-/// unsubscribe can never overtake the subscribe of a socket that arrived
-/// just after the last one left.
-pub struct Subscriptions {
-    bus: Arc<dyn Bus>,
-    topics: Topics,
-    refs: Mutex<HashMap<Uuid, usize>>,
-}
-
-impl Subscriptions {
-    pub fn new(bus: Arc<dyn Bus>, topics: Topics) -> Self {
-        Self {
-            bus,
-            topics,
-            refs: Mutex::new(HashMap::new()),
-        }
-    }
-
-    /// Counts one more local socket in each channel, subscribing where it is
-    /// the first. Returns once Redis confirmed the subscriptions, so events
-    /// published afterwards are received.
-    pub async fn retain(&self, channels: &[Uuid]) -> BusResult<()> {
-        let mut refs = self.refs.lock().await;
-        let mut new = Vec::new();
-        for c in channels {
-            let n = refs.entry(*c).or_insert(0);
-            if *n == 0 {
-                new.push(self.topics.channel(c));
-            }
-            *n += 1;
-        }
-        if let Err(e) = self.bus.subscribe(new).await {
-            // Undo the counts so a later retain subscribes again.
-            for c in channels {
-                if let Some(n) = refs.get_mut(c) {
-                    *n -= 1;
-                    if *n == 0 {
-                        refs.remove(c);
-                    }
-                }
-            }
-            return Err(e);
-        }
-        metrics::gauge!("gateway_channel_subscriptions").set(refs.len() as f64);
-        Ok(())
-    }
-
-    /// Counts one local socket less in each channel, unsubscribing after the last.
-    pub async fn release(&self, channels: &[Uuid]) {
-        let mut refs = self.refs.lock().await;
-        let mut gone = Vec::new();
-        for c in channels {
-            if let Some(n) = refs.get_mut(c) {
-                *n -= 1;
-                if *n == 0 {
-                    refs.remove(c);
-                    gone.push(self.topics.channel(c));
-                }
-            }
-        }
-        if let Err(e) = self.bus.unsubscribe(gone).await {
-            tracing::warn!(error = %e, "unsubscribe failed");
-        }
-        metrics::gauge!("gateway_channel_subscriptions").set(refs.len() as f64);
-    }
-}
-
-/// Subscribes the node's own topics and dispatches everything that arrives,
-/// in arrival order (one task: per-channel order is preserved end to end).
+/// Subscribes the node's own topics and starts the dispatcher.
 pub async fn start(app: App) -> BusResult<tokio::task::JoinHandle<()>> {
-    let mut rx = app.bus.incoming();
+    let rx = app.bus.incoming();
+    let gaps = app.bus.pubsub_gaps();
     app.bus
         .subscribe(vec![app.topics.node(&app.node_id), app.topics.membership()])
         .await?;
-    Ok(tokio::spawn(async move {
-        let channel_prefix = format!("{}:ch:", app.topics.prefix());
-        let node_topic = app.topics.node(&app.node_id);
-        let membership_topic = app.topics.membership();
-        loop {
-            let msg: TopicMessage = match rx.recv().await {
-                Ok(m) => m,
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    metrics::counter!("gateway_fanout_lagged_total").increment(n);
-                    tracing::error!(lost = n, "fan-out dispatcher lagged");
-                    continue;
+    Ok(tokio::spawn(dispatch(app, rx, gaps)))
+}
+
+async fn dispatch(
+    app: App,
+    mut rx: tokio::sync::broadcast::Receiver<TopicMessage>,
+    mut gaps: tokio::sync::watch::Receiver<u64>,
+) {
+    let channel_prefix = format!("{}:ch:", app.topics.prefix());
+    let node_topic = app.topics.node(&app.node_id);
+    let membership_topic = app.topics.membership();
+    loop {
+        let msg = tokio::select! {
+            // Live messages first: a repair reads the database, which is
+            // behind everything already received.
+            biased;
+            m = rx.recv() => m,
+            changed = gaps.changed() => {
+                if changed.is_err() {
+                    break;
                 }
-                Err(broadcast::error::RecvError::Closed) => break,
+                repair_after_gap(&app).await;
+                continue;
+            }
+        };
+        let msg = match msg {
+            Ok(m) => m,
+            Err(RecvError::Lagged(n)) => {
+                metrics::counter!("gateway_fanout_lagged_total").increment(n);
+                tracing::error!(lost = n, "fan-out dispatcher lagged; repairing");
+                repair_after_gap(&app).await;
+                continue;
+            }
+            Err(RecvError::Closed) => break,
+        };
+        if let Some(id) = msg.topic.strip_prefix(&channel_prefix) {
+            let Ok(channel) = Uuid::parse_str(id) else {
+                continue;
             };
-            if let Some(id) = msg.topic.strip_prefix(&channel_prefix) {
-                let Ok(channel) = Uuid::parse_str(id) else {
-                    continue;
-                };
-                match protocol::decode::<Vec<ChannelEvent>>(&msg.payload) {
-                    Ok(events) => {
-                        for event in &events {
-                            emit_to_channel(&app, &channel, event).await;
-                        }
+            match protocol::decode::<Vec<ChannelEvent>>(&msg.payload) {
+                Ok(events) => {
+                    for event in &events {
+                        deliver(&app, &channel, event).await;
                     }
-                    Err(e) => tracing::warn!(error = %e, "undecodable channel event"),
                 }
-            } else if msg.topic == node_topic {
-                match protocol::decode::<Vec<Outcome>>(&msg.payload) {
-                    Ok(outcomes) => outcomes.into_iter().for_each(|o| app.pending.resolve(o)),
-                    Err(e) => tracing::warn!(error = %e, "undecodable outcome"),
+                Err(e) => tracing::warn!(error = %e, "undecodable channel event"),
+            }
+        } else if msg.topic == node_topic {
+            match protocol::decode::<Vec<Outcome>>(&msg.payload) {
+                Ok(outcomes) => outcomes.into_iter().for_each(|o| app.pending.resolve(o)),
+                Err(e) => tracing::warn!(error = %e, "undecodable outcome"),
+            }
+        } else if msg.topic == membership_topic {
+            match protocol::decode::<MembershipChange>(&msg.payload) {
+                Ok(change) => {
+                    // Entering a room may subscribe (a Redis round trip).
+                    let app = app.clone();
+                    tokio::spawn(async move {
+                        crate::socket::membership::apply(&app, change).await;
+                    });
                 }
-            } else if msg.topic == membership_topic {
-                match protocol::decode::<MembershipChange>(&msg.payload) {
-                    Ok(change) => crate::socket::membership::apply(&app, change).await,
-                    Err(e) => tracing::warn!(error = %e, "undecodable membership change"),
-                }
+                Err(e) => tracing::warn!(error = %e, "undecodable membership change"),
             }
         }
-    }))
+    }
+}
+
+/// One live channel event: `message:created` goes through the channel's
+/// cursor (duplicates dropped, gaps repaired first), the rest is emitted.
+async fn deliver(app: &App, channel: &Uuid, event: &ChannelEvent) {
+    if let ChannelEvent::MessageCreated(created) = event {
+        match app.subscriptions.step(channel, created.message.seq) {
+            Step::Emit => {}
+            Step::Duplicate => {
+                metrics::counter!("gateway_fanout_duplicates_dropped_total").increment(1);
+                return;
+            }
+            Step::Gap { after } => {
+                repair(app, channel, after, created.message.seq - 1).await;
+            }
+        }
+    }
+    emit_to_channel(app, channel, event).await;
+}
+
+/// Emits the stored messages of `channel` with `after < seq <= upto`, in
+/// order, as `message:created` (at most `RECOVERY_MAX_MESSAGES`).
+async fn repair(app: &App, channel: &Uuid, after: i64, upto: i64) {
+    let want = (upto - after).max(0) as u64;
+    if want == 0 {
+        return;
+    }
+    metrics::counter!("gateway_gap_repairs_total").increment(1);
+    let limit = want.min(app.settings.recovery_max_messages);
+    match app.store.messages_after(*channel, after, limit).await {
+        Ok(messages) => {
+            tracing::info!(%channel, after, upto, found = messages.len(), "repairing a gap");
+            metrics::counter!("gateway_gap_repaired_messages_total")
+                .increment(messages.len() as u64);
+            for m in messages {
+                if m.message.seq > upto {
+                    break;
+                }
+                let seq = m.message.seq;
+                let event = ChannelEvent::MessageCreated(MessageCreated {
+                    message: m.message,
+                    temp_id: m.temp_id,
+                    processed: true,
+                });
+                emit_to_channel(app, channel, &event).await;
+                app.subscriptions.advance(channel, seq);
+            }
+        }
+        Err(e) => {
+            metrics::counter!("gateway_gap_repair_failures_total").increment(1);
+            tracing::warn!(%channel, error = %e, "gap repair failed; the hole stays until the client syncs");
+        }
+    }
+}
+
+/// After a pub/sub gap: answers waiting writes already stored, and brings
+/// every tracked channel up to its latest stored message.
+async fn repair_after_gap(app: &App) {
+    let answered = app.pending.confirm_stored(&app.store).await;
+    let tracked = app.subscriptions.tracked();
+    tracing::info!(
+        channels = tracked.len(),
+        answered,
+        "pub/sub gap: repairing from the database"
+    );
+    for chunk in tracked.chunks(1000) {
+        let ids: Vec<Uuid> = chunk.iter().map(|(c, _)| *c).collect();
+        let latest = match app.store.max_seqs(&ids).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(error = %e, "gap repair: latest positions unavailable");
+                metrics::counter!("gateway_gap_repair_failures_total").increment(1);
+                return;
+            }
+        };
+        for (channel, _) in chunk {
+            // Re-read the cursor: live events may have moved it meanwhile.
+            let (Some(cursor), Some(max)) =
+                (app.subscriptions.cursor(channel), latest.get(channel))
+            else {
+                continue;
+            };
+            if *max > cursor {
+                repair(app, channel, cursor, *max).await;
+            }
+        }
+    }
 }
 
 async fn emit_to_channel(app: &App, channel: &Uuid, event: &ChannelEvent) {
@@ -152,14 +204,4 @@ async fn emit_to_channel(app: &App, channel: &Uuid, event: &ChannelEvent) {
         }
     }
     metrics::counter!("gateway_channel_events_total").increment(1);
-}
-
-/// Sockets of `user_id` on this node, in every namespace.
-pub fn local_sockets_of(app: &App, user_id: &str) -> Vec<socketioxide::extract::SocketRef> {
-    let room = user_room(user_id);
-    NAMESPACES
-        .iter()
-        .filter_map(|ns| app.io.of(*ns))
-        .flat_map(|op| op.to(room.clone()).sockets())
-        .collect()
 }

@@ -2,6 +2,7 @@
 //! `REDIS_URL` nor `DATABASE_URL` — the whole product in one process.
 
 mod auth;
+mod client_addr;
 mod demo;
 mod embedded;
 mod fanout;
@@ -10,6 +11,8 @@ mod rest;
 mod server;
 mod socket;
 mod state;
+mod subscriptions;
+mod users;
 
 use std::time::Duration;
 

@@ -1,4 +1,6 @@
-//! Writes accepted by this node and not yet answered by a worker.
+//! Writes accepted by this node and not yet answered by a worker, and the
+//! guarantee that each of them gets exactly one final answer within
+//! `OUTCOME_TIMEOUT_MS`.
 //!
 //! The `SENT` event is emitted by the socket's inbox task after the stream
 //! append returns, while the final outcome arrives on the node topic from a
@@ -7,29 +9,35 @@
 //! always sees SENT → DELIVERED/FAILED in that order. The acknowledgement
 //! callback, when the client gave one, is answered once, with the final
 //! outcome.
+//!
+//! Outcomes travel over pub/sub, which loses what is published while a
+//! gateway's subscriber reconnects, and Redis restarted empty loses the
+//! stream entries themselves. Neither may leave a sender without an answer:
+//! - after every pub/sub gap, [`Pending::confirm_stored`] looks the waiting
+//!   messages up in the database (a stored row means DELIVERED: workers
+//!   publish only after the insert);
+//! - [`supervise`] answers every write still waiting at the timeout: its
+//!   row if stored, else FAILED with [`errors::OUTCOME_UNKNOWN`]. Workers
+//!   refuse to store an entry that old (`Settings::worker_expiry`), so that
+//!   FAILED is never contradicted later.
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use dashmap::DashMap;
 use serde_json::json;
 use socketioxide::extract::{AckSender, SocketRef};
 use switchboard_shared::protocol::{
-    events, iso, DeliveryStatus, MessageDelivered, MessageError, MessageFailed, Outcome,
+    errors, events, iso, DeliveryStatus, MessageDelivered, MessageError, MessageFailed, Outcome,
     OutcomeResult, ReactionError,
 };
-
-fn error_of(result: OutcomeResult) -> String {
-    match result {
-        OutcomeResult::Failed { error } => error,
-        _ => "Unexpected answer".to_string(),
-    }
-}
+use switchboard_shared::store::Store;
 use uuid::Uuid;
 
 /// What kind of write an entry is, for the shape of its answer.
 pub enum Kind {
     /// `message:send`: SENT, then DELIVERED or FAILED.
-    Message,
+    Message { temp_id: Option<String> },
     /// `reaction:add` / `reaction:remove`: errors as `reaction:error`.
     Reaction { message_id: String, kind: String },
     /// `message:read`: errors as `message:error`.
@@ -41,7 +49,7 @@ struct Entry {
     socket: SocketRef,
     ack: Option<AckSender>,
     sent: bool,
-    early: Option<Outcome>,
+    early: Option<OutcomeResult>,
     accepted_at: Instant,
 }
 
@@ -50,11 +58,18 @@ pub struct Pending {
     entries: DashMap<Uuid, Entry>,
 }
 
+fn error_of(result: OutcomeResult) -> String {
+    match result {
+        OutcomeResult::Failed { error } => error,
+        _ => "Unexpected answer".to_string(),
+    }
+}
+
 impl Pending {
     /// Registers a write before it is appended to the stream.
     pub fn insert(&self, id: Uuid, kind: Kind, socket: SocketRef, ack: Option<AckSender>) {
         // Only messages have a SENT step to wait for.
-        let sent = !matches!(kind, Kind::Message);
+        let sent = !matches!(kind, Kind::Message { .. });
         self.entries.insert(
             id,
             Entry {
@@ -82,17 +97,23 @@ impl Pending {
             }
             None => None,
         };
-        if let Some(outcome) = early {
-            self.resolve(outcome);
+        if let Some(result) = early {
+            self.finish(*id, result);
         }
     }
 
     /// A worker's outcome for a write of this node.
     pub fn resolve(&self, outcome: Outcome) {
-        let id = outcome.request_id;
+        self.finish(outcome.request_id, outcome.result);
+    }
+
+    /// Answers write `id` with `result`, once: a second answer for the same
+    /// write (a redelivery, or a worker answering after the timeout) finds
+    /// no entry and is dropped.
+    fn finish(&self, id: Uuid, result: OutcomeResult) {
         if let Some(mut e) = self.entries.get_mut(&id) {
             if !e.sent {
-                e.early = Some(outcome);
+                e.early = Some(result);
                 return;
             }
         }
@@ -110,13 +131,13 @@ impl Pending {
                 let _ = ack.send(&body);
             }
         };
-        match (kind, outcome.result) {
-            (Kind::Message, OutcomeResult::Delivered { message_id }) => {
+        match (kind, result) {
+            (Kind::Message { temp_id }, OutcomeResult::Delivered { message_id }) => {
                 let _ = socket.emit(
                     events::MESSAGE_DELIVERED,
                     &MessageDelivered {
                         message_id: message_id.to_string(),
-                        temp_id: outcome.temp_id,
+                        temp_id,
                         status: DeliveryStatus::Delivered,
                         processed: Some(true),
                         timestamp: now,
@@ -124,12 +145,12 @@ impl Pending {
                 );
                 reply(json!({"status": "DELIVERED", "messageId": message_id.to_string()}));
             }
-            (Kind::Message, result) => {
+            (Kind::Message { temp_id }, result) => {
                 let error = error_of(result);
                 metrics::counter!("gateway_messages_failed_total").increment(1);
                 let _ = socket.emit(
                     events::MESSAGE_FAILED,
-                    &MessageFailed::new(error.clone(), outcome.temp_id),
+                    &MessageFailed::new(error.clone(), temp_id),
                 );
                 reply(json!({"status": "FAILED", "error": error}));
             }
@@ -165,12 +186,91 @@ impl Pending {
         }
     }
 
-    /// Forgets writes older than `max_age` whose outcome never came (the
-    /// worker answers every write it processes; this bounds memory if a node
-    /// topic message was lost during a Redis outage).
-    pub fn sweep(&self, max_age: Duration) {
+    /// Messages that went out as `SENT` and wait for their outcome,
+    /// accepted at least `min_age` ago.
+    fn waiting_messages(&self, min_age: Duration) -> Vec<Uuid> {
         self.entries
-            .retain(|_, e| e.accepted_at.elapsed() < max_age);
+            .iter()
+            .filter(|e| e.sent && matches!(e.kind, Kind::Message { .. }))
+            .filter(|e| e.accepted_at.elapsed() >= min_age)
+            .map(|e| *e.key())
+            .collect()
+    }
+
+    /// After a pub/sub gap: every waiting message already stored is
+    /// answered DELIVERED (its outcome may have been published while this
+    /// node was not listening). Returns how many were answered.
+    pub async fn confirm_stored(&self, store: &Store) -> usize {
+        let waiting = self.waiting_messages(Duration::ZERO);
+        if waiting.is_empty() {
+            return 0;
+        }
+        match stored_among(store, &waiting).await {
+            Ok(stored) => {
+                let n = stored.len();
+                for id in stored {
+                    self.finish(id, OutcomeResult::Delivered { message_id: id });
+                }
+                metrics::counter!("gateway_outcomes_recovered_total").increment(n as u64);
+                n
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look up waiting messages after a pub/sub gap");
+                0
+            }
+        }
+    }
+
+    /// Answers every write still waiting after `timeout`: DELIVERED when its
+    /// row is stored, else FAILED "safe to resend". If the database cannot
+    /// be asked, the answer waits for the next round (the worker will not
+    /// store it anyway past its expiry).
+    pub async fn expire(&self, store: &Store, timeout: Duration) {
+        let overdue: Vec<Uuid> = self
+            .entries
+            .iter()
+            .filter(|e| e.sent && e.accepted_at.elapsed() >= timeout)
+            .map(|e| *e.key())
+            .collect();
+        if overdue.is_empty() {
+            return;
+        }
+        let messages: Vec<Uuid> = overdue
+            .iter()
+            .filter(|id| {
+                self.entries
+                    .get(id)
+                    .is_some_and(|e| matches!(e.kind, Kind::Message { .. }))
+            })
+            .copied()
+            .collect();
+        let stored = match stored_among(store, &messages).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not look up overdue messages; retrying");
+                return;
+            }
+        };
+        for id in overdue {
+            if stored.contains(&id) {
+                self.finish(id, OutcomeResult::Delivered { message_id: id });
+                continue;
+            }
+            metrics::counter!("gateway_outcomes_timed_out_total").increment(1);
+            // Reactions and reads are idempotent, so retrying is safe too,
+            // but they may have been applied: say only what is known.
+            let error = if messages.contains(&id) {
+                errors::OUTCOME_UNKNOWN
+            } else {
+                errors::NOT_CONFIRMED
+            };
+            self.finish(
+                id,
+                OutcomeResult::Failed {
+                    error: error.into(),
+                },
+            );
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -179,5 +279,28 @@ impl Pending {
 
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
+    }
+}
+
+async fn stored_among(store: &Store, ids: &[Uuid]) -> Result<HashSet<Uuid>, sea_orm::DbErr> {
+    Ok(store
+        .existing_messages(ids)
+        .await?
+        .into_iter()
+        .map(|m| m.id)
+        .collect())
+}
+
+/// How often overdue writes are looked for. Costs nothing while none is
+/// overdue (no query is made).
+const SUPERVISE_EVERY: Duration = Duration::from_millis(500);
+
+/// Runs forever: answers writes that outlived the outcome timeout.
+pub async fn supervise(pending: &Pending, store: &Store, timeout: Duration) {
+    let mut tick = tokio::time::interval(SUPERVISE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        pending.expire(store, timeout).await;
     }
 }

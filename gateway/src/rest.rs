@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::auth::Identity;
 use crate::socket::membership;
+use crate::socket::messages::storable;
 use crate::state::App;
 
 /// A JSON error `{error}` with its status.
@@ -67,8 +68,8 @@ impl FromRequestParts<App> for Caller {
             metrics::counter!("gateway_auth_failures_total", "reason" => e.label()).increment(1);
             unauthorized()
         })?;
-        app.store
-            .upsert_user(&id.id, &id.name, id.image_url.as_deref())
+        app.users
+            .ensure(&app.store, &id)
             .await
             .map_err(ApiError::internal)?;
         Ok(Caller(id))
@@ -150,6 +151,7 @@ async fn create_channel(
             format!("name is too long (at most {MAX_CHANNEL_NAME} characters)"),
         ));
     }
+    storable("name", name).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
     let view = app
         .store
         .create_channel(name, body.is_private.unwrap_or(false), &caller.id)
@@ -161,16 +163,66 @@ async fn create_channel(
     Ok((StatusCode::CREATED, Json(view)).into_response())
 }
 
+#[derive(Deserialize)]
+struct ChannelListQuery {
+    after: Option<String>,
+    limit: Option<String>,
+}
+
+/// Channel list page size without `limit`.
+const DEFAULT_CHANNEL_LIMIT: u64 = 100;
+/// Largest channel list page.
+const MAX_CHANNEL_LIMIT: u64 = 500;
+/// Header carrying the cursor of the next channel list page.
+pub const NEXT_CURSOR_HEADER: &str = "x-next-cursor";
+
+/// `GET /api/channels?limit=<1..500, default 100>&after=<channelId>`: the
+/// caller's channels and the public ones, in id (creation) order. The body
+/// stays the bare JSON array it always was, so existing clients keep
+/// working; when there are more, the cursor of the next page (the last id of
+/// this one) is in `X-Next-Cursor` and a `Link: <…>; rel="next"` header.
 async fn list_channels(
     State(app): State<App>,
     Caller(caller): Caller,
+    Query(q): Query<ChannelListQuery>,
 ) -> Result<Response, ApiError> {
-    let list = app
+    let limit = match q.limit.as_deref() {
+        None | Some("") => DEFAULT_CHANNEL_LIMIT,
+        Some(l) => match l.parse::<u64>() {
+            Ok(n) if (1..=MAX_CHANNEL_LIMIT).contains(&n) => n,
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("limit must be an integer from 1 to {MAX_CHANNEL_LIMIT}"),
+                ))
+            }
+        },
+    };
+    let after =
+        match q.after.as_deref() {
+            None | Some("") => None,
+            Some(a) => Some(Uuid::parse_str(a).map_err(|_| {
+                ApiError::new(StatusCode::BAD_REQUEST, "after must be a channel id")
+            })?),
+        };
+    let page = app
         .store
-        .list_channels(&caller.id)
+        .list_channels(&caller.id, after, limit)
         .await
         .map_err(ApiError::internal)?;
-    Ok(Json(list).into_response())
+    let mut response = Json(page.channels).into_response();
+    if let Some(next) = page.next {
+        let link = format!("</api/channels?after={next}&limit={limit}>; rel=\"next\"");
+        if let (Ok(cursor), Ok(link)) = (
+            header::HeaderValue::from_str(&next),
+            header::HeaderValue::from_str(&link),
+        ) {
+            let headers = response.headers_mut();
+            headers.insert(NEXT_CURSOR_HEADER, cursor);
+            headers.insert(header::LINK, link);
+        }
+    }
+    Ok(response)
 }
 
 fn parse_channel_id(raw: &str) -> Result<Uuid, ApiError> {
@@ -198,6 +250,7 @@ async fn add_member(
         .filter(|u| !u.is_empty() && u.len() <= 255)
         .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "userId must be a non-empty string"))?
         .to_string();
+    storable("userId", &user_id).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
     let channel = app
         .store
         .channel(channel_id)
@@ -297,6 +350,23 @@ async fn history(
             StatusCode::FORBIDDEN,
             "You are not a member of this channel",
         ));
+    }
+    // The anchor must be a message of this channel: anything else is one
+    // answer, so a member of one channel learns nothing about another's
+    // message ids or positions.
+    if let Some(before) = before {
+        if app
+            .store
+            .message_seq(channel_id, before)
+            .await
+            .map_err(ApiError::internal)?
+            .is_none()
+        {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "before must be a message of this channel",
+            ));
+        }
     }
     let page = app
         .store

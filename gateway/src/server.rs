@@ -18,9 +18,6 @@ use crate::auth::Verifier;
 use crate::state::{App, AppState, NAMESPACES};
 use crate::{fanout, rest, socket};
 
-/// How long an answered-never write is remembered (see [`crate::pending`]).
-const PENDING_MAX_AGE: Duration = Duration::from_secs(300);
-
 /// The seed's URL read as an Engine.IO path (`/api/socket.io/`) is served by
 /// the same Socket.IO server as the default path (`/socket.io/`), so both
 /// readings share sockets, rooms and fan-out: requests are rewritten.
@@ -57,6 +54,11 @@ fn cors(settings: &Settings) -> Option<CorsLayer> {
             .allow_headers([
                 axum::http::header::AUTHORIZATION,
                 axum::http::header::CONTENT_TYPE,
+            ])
+            // The channel list's next-page cursor (rest.rs).
+            .expose_headers([
+                axum::http::header::LINK,
+                axum::http::HeaderName::from_static(crate::rest::NEXT_CURSOR_HEADER),
             ])
             .allow_credentials(true),
     )
@@ -99,13 +101,11 @@ pub async fn serve(mut settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(w.run(worker_cancel.clone()))
     });
 
-    let sweeper_app = app.clone();
+    // Every accepted write gets its answer within OUTCOME_TIMEOUT_MS.
+    let supervisor_app = app.clone();
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(30));
-        loop {
-            tick.tick().await;
-            sweeper_app.pending.sweep(PENDING_MAX_AGE);
-        }
+        let app = supervisor_app;
+        crate::pending::supervise(&app.pending, &app.store, app.settings.outcome_timeout()).await;
     });
 
     let mut router =

@@ -9,8 +9,10 @@ use switchboard_shared::config::Settings;
 use switchboard_shared::store::Store;
 
 use crate::auth::Verifier;
-use crate::fanout::Subscriptions;
+use crate::client_addr::TrustedProxies;
 use crate::pending::Pending;
+use crate::subscriptions::Subscriptions;
+use crate::users::Users;
 
 /// Socket.IO namespaces served, with the same handlers (CONTRACT §1): the
 /// seed's URL read as a namespace, and the root namespace on the seed's path.
@@ -26,6 +28,10 @@ pub struct AppState {
     pub subscriptions: Subscriptions,
     pub pending: Pending,
     pub io: SocketIo,
+    /// `TRUSTED_PROXIES`: whose `X-Forwarded-For` is believed.
+    pub proxies: TrustedProxies,
+    /// Which users' rows already hold their claims (skips upserts).
+    pub users: Users,
     draining: AtomicBool,
     /// Authenticated sockets per namespace of [`NAMESPACES`], so fan-out
     /// skips a namespace nobody uses instead of serialising for it.
@@ -44,7 +50,11 @@ impl AppState {
         io: SocketIo,
     ) -> Self {
         let topics = Topics::new(&settings.redis_prefix);
+        // Validated when the settings were read, so this cannot fail here.
+        let proxies = TrustedProxies::new(settings.trusted_proxies().unwrap_or_default());
         Self {
+            proxies,
+            users: Users::default(),
             subscriptions: Subscriptions::new(bus.clone(), topics.clone()),
             pending: Pending::default(),
             settings,
@@ -95,4 +105,14 @@ pub fn channel_room(id: &uuid::Uuid) -> String {
 /// Room of all sockets of one user on this node.
 pub fn user_room(user_id: &str) -> String {
     format!("u:{user_id}")
+}
+
+/// Sockets of `user_id` on this node, in every namespace.
+pub fn local_sockets_of(app: &App, user_id: &str) -> Vec<socketioxide::extract::SocketRef> {
+    let room = user_room(user_id);
+    NAMESPACES
+        .iter()
+        .filter_map(|ns| app.io.of(*ns))
+        .flat_map(|op| op.to(room.clone()).sockets())
+        .collect()
 }

@@ -118,6 +118,12 @@ fn default_inbox() -> usize {
 fn default_drain_ms() -> u64 {
     10_000
 }
+fn default_outcome_timeout() -> u64 {
+    30_000
+}
+fn default_recovery_max() -> u64 {
+    1000
+}
 
 /// All settings. Field `foo_bar` is read from the variable `FOO_BAR`.
 #[derive(Debug, Clone, Deserialize)]
@@ -185,6 +191,12 @@ pub struct Settings {
     /// The window of `AUTH_FAIL_THRESHOLD`, in seconds.
     #[serde(default = "default_fail_window")]
     pub auth_fail_window_s: u64,
+    /// Comma list of IPs and CIDRs of the reverse proxies in front of the
+    /// gateways (nginx, ingress). Only a peer in this list is believed about
+    /// `X-Forwarded-For`; empty trusts no proxy, so a client cannot pick the
+    /// address its failed handshakes are counted against.
+    #[serde(default)]
+    pub trusted_proxies: Option<String>,
 
     /// Engine.IO ping interval.
     #[serde(default = "default_ping_interval")]
@@ -261,6 +273,16 @@ pub struct Settings {
     /// How long SIGTERM waits for in-flight work.
     #[serde(default = "default_drain_ms")]
     pub drain_timeout_ms: u64,
+    /// Bound on the time between `SENT` and the final outcome of a write.
+    /// A gateway that heard nothing by then looks the message up in the
+    /// database (DELIVERED if stored) or answers FAILED with "safe to resend
+    /// with the same tempId"; a worker refuses to persist an entry older than
+    /// [`Settings::worker_expiry`], so such a FAILED is never contradicted.
+    #[serde(default = "default_outcome_timeout")]
+    pub outcome_timeout_ms: u64,
+    /// Most messages one catch-up or gap repair replays for one channel.
+    #[serde(default = "default_recovery_max")]
+    pub recovery_max_messages: u64,
 }
 
 impl Settings {
@@ -296,6 +318,11 @@ impl Settings {
             self.max_delivery_attempts > 0,
             "MAX_DELIVERY_ATTEMPTS must be at least 1"
         );
+        anyhow::ensure!(
+            self.outcome_timeout_ms >= 1000,
+            "OUTCOME_TIMEOUT_MS must be at least 1000"
+        );
+        self.trusted_proxies()?;
         self.mode()?;
         Ok(())
     }
@@ -328,6 +355,21 @@ impl Settings {
     pub fn connect_timeout(&self) -> Duration {
         Duration::from_millis(self.connect_timeout_ms)
     }
+    pub fn outcome_timeout(&self) -> Duration {
+        Duration::from_millis(self.outcome_timeout_ms)
+    }
+
+    /// Age (since the gateway accepted it) past which a worker answers an
+    /// entry FAILED instead of persisting it: the outcome timeout less a
+    /// margin of a third of it, at most 5 s, which covers one batch's
+    /// processing time and clock skew between nodes. So the gateway, which
+    /// gives up only at the full timeout, never answers FAILED for a
+    /// message a worker stores afterwards.
+    pub fn worker_expiry(&self) -> Duration {
+        let margin = (self.outcome_timeout_ms / 3).min(5_000);
+        Duration::from_millis(self.outcome_timeout_ms - margin)
+    }
+
     pub fn lease_ttl(&self) -> Duration {
         Duration::from_millis(self.lease_ttl_ms)
     }
@@ -340,6 +382,24 @@ impl Settings {
     /// `CORS_ORIGINS` split on commas.
     pub fn cors_origin_list(&self) -> Vec<String> {
         split_list(self.cors_origins.as_deref())
+    }
+
+    /// `TRUSTED_PROXIES` parsed: each entry an IP (a network of one
+    /// address) or a CIDR. A malformed entry is a start-up error rather than
+    /// a silently untrusted proxy.
+    pub fn trusted_proxies(&self) -> anyhow::Result<Vec<ipnet::IpNet>> {
+        split_list(self.trusted_proxies.as_deref())
+            .iter()
+            .map(|entry| {
+                entry
+                    .parse::<ipnet::IpNet>()
+                    .or_else(|_| entry.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                    .map(|net| net.trunc())
+                    .map_err(|_| {
+                        anyhow::anyhow!("TRUSTED_PROXIES: {entry:?} is not an IP address or CIDR")
+                    })
+            })
+            .collect()
     }
 }
 
@@ -379,6 +439,39 @@ mod tests {
                 data_dir: "./data".into()
             }
         );
+    }
+
+    #[test]
+    fn trusted_proxies_parse_ips_and_cidrs() {
+        let s = Settings::from_vars(vars(&[(
+            "TRUSTED_PROXIES",
+            " 10.0.0.0/8, 127.0.0.1 ,::1,fd00::/8,192.168.1.7/16",
+        )]))
+        .expect("parse");
+        let nets: Vec<String> = s
+            .trusted_proxies()
+            .expect("nets")
+            .iter()
+            .map(ToString::to_string)
+            .collect();
+        assert_eq!(
+            nets,
+            [
+                "10.0.0.0/8",
+                "127.0.0.1/32",
+                "::1/128",
+                "fd00::/8",
+                "192.168.0.0/16"
+            ]
+        );
+        let none = Settings::from_vars(vars(&[])).expect("defaults");
+        assert!(none.trusted_proxies().expect("empty").is_empty());
+        for bad in ["10.0.0.0/33", "nginx", "10.0.0.0/8,x"] {
+            assert!(
+                Settings::from_vars(vars(&[("TRUSTED_PROXIES", bad)])).is_err(),
+                "{bad}"
+            );
+        }
     }
 
     #[test]

@@ -33,6 +33,14 @@ pub mod events {
 pub mod errors {
     pub const NOT_AUTHENTICATED: &str = "User not authenticated";
     pub const ALREADY_PROCESSING: &str = "Message already being processed";
+    /// The outcome of an accepted write could not be established within
+    /// `OUTCOME_TIMEOUT_MS` (for example Redis restarted empty and lost it).
+    /// Deduplication makes a resend with the same `tempId` safe: it is either
+    /// persisted once or answered with the original message id.
+    pub const OUTCOME_UNKNOWN: &str =
+        "Delivery could not be confirmed in time; it was not stored. Resending with the same tempId is safe";
+    /// The same for a reaction or read, which are idempotent: retrying is safe.
+    pub const NOT_CONFIRMED: &str = "The request could not be confirmed in time; retrying is safe";
 }
 
 /// ISO-8601 UTC with milliseconds, the format of every timestamp on the wire.
@@ -249,6 +257,11 @@ pub struct CommandEnvelope {
     /// W3C trace context (`traceparent`, `tracestate`) of the request.
     pub trace: HashMap<String, String>,
     pub command: Command,
+    /// When the gateway accepted the write (Unix ms, gateway clock); a
+    /// worker refuses to persist it past `Settings::worker_expiry`. 0 (an
+    /// entry written before this field existed) means no deadline.
+    #[serde(default)]
+    pub accepted_ms: i64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -396,6 +409,7 @@ mod tests {
                 sid: "abc".into(),
             },
             trace: HashMap::from([("traceparent".into(), "00-x-y-01".into())]),
+            accepted_ms: 1,
             command: Command::SendMessage(SendMessage {
                 id: Uuid::now_v7(),
                 channel_id: Uuid::now_v7(),

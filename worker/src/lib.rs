@@ -26,6 +26,9 @@ use tokio_util::sync::CancellationToken;
 use leases::Leases;
 use processor::{ProcessError, Processor, SeqCache};
 
+/// What the client is told when its entry is dead-lettered after retries.
+const GAVE_UP: &str = "The request could not be processed";
+
 pub struct Worker {
     id: String,
     processor: Processor,
@@ -147,7 +150,7 @@ impl Worker {
             for entry in pending {
                 if entry.deliveries > max_attempts {
                     let error = format!("gave up after {} deliveries", entry.deliveries - 1);
-                    self.dead_letter(partition, &entry, &error).await;
+                    self.dead_letter(partition, &entry, &error, GAVE_UP).await;
                 } else {
                     todo.push((partition, entry));
                 }
@@ -159,15 +162,31 @@ impl Worker {
         }
     }
 
-    /// Processes a batch, retrying with backoff while our leases hold. A batch
-    /// that keeps failing while the database answers is split so that one
-    /// bad entry goes to the dead letters instead of blocking its partition.
+    /// Processes a batch (entries of one or more partitions, each in stream
+    /// order) until it is settled: processed, or its bad entries
+    /// dead-lettered. Returns `false` when it leaves the batch
+    /// unacknowledged instead (lease lost, shutdown): the next owner takes it
+    /// over, and nothing after it may be processed here.
+    ///
+    /// - A transient failure (a backend down) is retried with backoff while
+    ///   our leases hold; nothing is dead-lettered while the backends do not
+    ///   answer.
+    /// - A permanent failure (the database refused an entry's data, see
+    ///   `store::is_permanent`) cannot succeed on retry, so the batch is
+    ///   split in halves at once, in stream order: the good entries are
+    ///   processed after a few extra attempts (about log2 of the batch size
+    ///   per bad entry) and the bad entry, alone, is dead-lettered. Every
+    ///   partition of the worker is stalled for milliseconds, not for the
+    ///   backoff of `MAX_DELIVERY_ATTEMPTS` retries.
+    /// - A batch that keeps failing with an error the classifier does not
+    ///   know while the backends answer is split into single entries after
+    ///   `MAX_DELIVERY_ATTEMPTS`, as the last resort.
     async fn process_with_retry(
         &self,
         entries: Vec<(u32, StreamEntry)>,
         seqs: &mut SeqCache,
         cancel: &CancellationToken,
-    ) {
+    ) -> bool {
         let max_attempts = self.processor.settings.max_delivery_attempts;
         let mut backoff = ExponentialBuilder::default()
             .with_min_delay(Duration::from_millis(50))
@@ -187,7 +206,20 @@ impl Worker {
                 self.processor.process(entries.clone(), seqs).await
             };
             match result {
-                Ok(_) => return,
+                Ok(_) => return true,
+                Err(ProcessError::Permanent(e)) => {
+                    metrics::counter!("worker_batch_failures_total").increment(1);
+                    if entries.len() == 1 {
+                        let (p, entry) = &entries[0];
+                        self.dead_letter(*p, entry, &e, processor::UNSTORABLE).await;
+                        return true;
+                    }
+                    tracing::warn!(error = %e, entries = entries.len(), "data error in batch; splitting it");
+                    let mut left = entries;
+                    let right = left.split_off(left.len() / 2);
+                    return Box::pin(self.process_with_retry(left, seqs, cancel)).await
+                        && Box::pin(self.process_with_retry(right, seqs, cancel)).await;
+                }
                 Err(ProcessError::Transient(e)) => {
                     failures += 1;
                     metrics::counter!("worker_batch_failures_total").increment(1);
@@ -196,7 +228,7 @@ impl Worker {
                         tracing::warn!(
                             "lease lost during retries; leaving the batch to the next owner"
                         );
-                        return;
+                        return false;
                     }
                     if failures >= max_attempts
                         && entries.len() > 1
@@ -207,22 +239,22 @@ impl Worker {
                         for one in entries {
                             Box::pin(self.process_one_or_dead_letter(one, seqs)).await;
                         }
-                        return;
+                        return true;
                     }
                     if failures >= max_attempts
                         && entries.len() == 1
                         && self.processor.store.ping().await.is_ok()
                     {
                         let (p, entry) = &entries[0];
-                        self.dead_letter(*p, entry, &e).await;
-                        return;
+                        self.dead_letter(*p, entry, &e, GAVE_UP).await;
+                        return true;
                     }
                     let delay = backoff.next().unwrap_or(Duration::from_secs(2));
                     tokio::select! {
                         _ = tokio::time::sleep(delay) => {}
                         // On shutdown leave the batch unacknowledged: the next
                         // owner takes it over.
-                        _ = cancel.cancelled() => return,
+                        _ = cancel.cancelled() => return false,
                     }
                 }
             }
@@ -231,22 +263,42 @@ impl Worker {
 
     async fn process_one_or_dead_letter(&self, one: (u32, StreamEntry), seqs: &mut SeqCache) {
         let (p, entry) = one.clone();
-        if let Err(ProcessError::Transient(e)) = self.processor.process(vec![one], seqs).await {
-            self.dead_letter(p, &entry, &e).await;
+        match self.processor.process(vec![one], seqs).await {
+            Ok(_) => {}
+            Err(ProcessError::Transient(e)) => self.dead_letter(p, &entry, &e, GAVE_UP).await,
+            Err(ProcessError::Permanent(e)) => {
+                self.dead_letter(p, &entry, &e, processor::UNSTORABLE).await
+            }
         }
     }
 
-    /// Moves an entry to the dead letters and tells its sender it failed.
-    async fn dead_letter(&self, partition: u32, entry: &StreamEntry, error: &str) {
+    /// Moves an entry to the dead letters and tells its sender it failed
+    /// (`client_error`; `error` is for the logs and the dead-letter stream).
+    ///
+    /// First the entry's own dedupe claim is released (compare-and-delete,
+    /// only on this rare path): otherwise a resend with the same `tempId`
+    /// would be refused as "already being processed" until the claim's TTL
+    /// runs out, although nothing is being processed.
+    async fn dead_letter(
+        &self,
+        partition: u32,
+        entry: &StreamEntry,
+        error: &str,
+        client_error: &str,
+    ) {
         tracing::error!(partition, id = %entry.id, error, "dead-lettering entry");
         metrics::counter!("worker_dead_letters_total").increment(1);
         if let Ok(env) = protocol::decode::<CommandEnvelope>(&entry.payload) {
+            let claim = processor::command_claim(&env.command);
+            if let Err(e) = self.bus().release_dedupe(&[claim]).await {
+                tracing::warn!(error = %e, "could not release the dedupe claim of a dead letter");
+            }
             let outcome = Outcome {
                 origin: env.origin.clone(),
                 request_id: env.command.request_id(),
                 temp_id: env.command.temp_id(),
                 result: OutcomeResult::Failed {
-                    error: "The request could not be processed".into(),
+                    error: client_error.into(),
                 },
             };
             if let Ok(bytes) = protocol::encode(&[outcome]) {

@@ -5,6 +5,8 @@
 //! 1. **Claim dedupe keys** (`SET NX GET`, value `p:<id>`): an in-flight
 //!    duplicate fails, a resent delivered `tempId` answers with the original
 //!    id, our own key (a redelivery of this very entry) lets it through.
+//!    Reactions and reads claim a marker of their request id in the same
+//!    call, so that their redelivery is re-announced too ([`command_claim`]).
 //! 2. **Persist** the new messages with one multi-row insert, numbered per
 //!    channel. A redelivered entry whose row already exists is not inserted
 //!    again: the stored row is fanned out instead.
@@ -41,6 +43,15 @@ enum Verdict {
     AlreadyDelivered(Uuid),
     /// Refused (in-flight duplicate).
     Failed(String),
+    /// Refused by a check only the worker can make (`replyToId` not a
+    /// message of the channel). Unlike [`Verdict::Failed`] the dedupe key is
+    /// ours, so it is released: a corrected resend with the same `tempId`
+    /// goes through.
+    Rejected(String),
+    /// Not stored because its outcome deadline passed (the gateway answers
+    /// or answered FAILED "safe to resend"); our dedupe claim is released so
+    /// that the resend goes through.
+    Expired,
 }
 
 struct Item {
@@ -57,6 +68,10 @@ struct Other {
     partition: u32,
     entry_id: String,
     env: CommandEnvelope,
+    /// Its claim (see [`command_claim`]) already held our value: an earlier
+    /// attempt may have applied it and then failed before publishing, so it
+    /// is announced even when applying it again changes nothing.
+    redelivered: bool,
 }
 
 /// One entry of the batch, in stream order.
@@ -80,6 +95,30 @@ pub fn dedupe_key(msg: &SendMessage) -> String {
         }
     }
 }
+
+/// The dedupe claim `(key, value)` an entry holds while it is processed.
+///
+/// Messages use the key of CONTRACT §4. Reactions and reads use a key of
+/// their own request id (unique per command, never sent to a client), only
+/// to recognise their own redelivery: when a batch fails after a reaction
+/// was committed, the retry finds the reaction stored and would otherwise
+/// announce nothing (adding an existing reaction is a silent no-op, §5),
+/// although the sender's acknowledgement says ok. Claimed in the batch's one
+/// claim call and deleted in its one settle call, so it costs no round trip.
+/// The dead-letter path releases the claim with a compare-and-delete.
+pub fn command_claim(command: &Command) -> (String, String) {
+    match command {
+        Command::SendMessage(msg) => (dedupe_key(msg), format!("p:{}", msg.id)),
+        other => {
+            let id = other.request_id();
+            (format!("cmd:{id}"), format!("p:{id}"))
+        }
+    }
+}
+
+/// What the client is told when its entry is dead-lettered for a data
+/// error (the database refused it: retrying cannot help).
+pub const UNSTORABLE: &str = "The request contains data that cannot be stored";
 
 /// Per-channel sequence numbers, cached while this worker holds the
 /// channel's partition (it is the only writer then).
@@ -112,6 +151,21 @@ pub enum ProcessError {
     /// A backend failed; the batch stays unacknowledged and is retried.
     #[error("{0}")]
     Transient(String),
+    /// The database refused the data of an entry of the batch (see
+    /// [`switchboard_shared::store::is_permanent`]): retrying the same
+    /// batch cannot succeed, so the caller splits it at once to isolate the
+    /// entry, which is dead-lettered. Nothing of the batch is acknowledged.
+    #[error("{0}")]
+    Permanent(String),
+}
+
+/// A database error, classified.
+fn db_err(e: sea_orm::DbErr) -> ProcessError {
+    if switchboard_shared::store::is_permanent(&e) {
+        ProcessError::Permanent(e.to_string())
+    } else {
+        ProcessError::Transient(e.to_string())
+    }
 }
 
 impl Processor {
@@ -144,6 +198,7 @@ impl Processor {
                         partition,
                         entry_id: entry.id,
                         env,
+                        redelivered: false,
                     }))),
                 },
                 Err(e) => {
@@ -160,19 +215,41 @@ impl Processor {
             return Ok(0);
         }
 
-        // 1. Dedupe claims.
-        let claims: Vec<(String, String)> = items
+        // 1. Dedupe claims: the messages', then the other commands' (their
+        //    own redelivery marker, see `command_claim`).
+        let mut claims: Vec<(String, String)> = items
             .iter()
             .map(|i| (i.dedupe_key.clone(), format!("p:{}", i.msg.id)))
             .collect();
+        let mut command_keys = Vec::new();
+        for w in &work {
+            if let Work::Other(o) = w {
+                let claim = command_claim(&o.env.command);
+                command_keys.push(claim.0.clone());
+                claims.push(claim);
+            }
+        }
         let processing_ttl = Duration::from_secs(self.settings.dedupe_processing_ttl);
         let results = self
             .bus
             .claim_dedupe(&claims, processing_ttl)
             .await
             .map_err(|e| transient(&e))?;
+        let mut results = results.into_iter();
+        let message_results: Vec<DedupeClaim> = results.by_ref().take(items.len()).collect();
+        for (w, claim) in work
+            .iter_mut()
+            .filter_map(|w| match w {
+                Work::Other(o) => Some(o),
+                Work::Send(_) => None,
+            })
+            .zip(results)
+        {
+            let ours = format!("p:{}", w.env.command.request_id());
+            w.redelivered = claim == DedupeClaim::Existing(ours);
+        }
         let mut maybe_stored = Vec::new();
-        for (item, claim) in items.iter_mut().zip(results) {
+        for (item, claim) in items.iter_mut().zip(message_results) {
             item.verdict = match claim {
                 DedupeClaim::Claimed => Verdict::Persist,
                 DedupeClaim::Existing(v) => match v.split_once(':') {
@@ -197,12 +274,26 @@ impl Processor {
                 .store
                 .existing_messages(&maybe_stored)
                 .await
-                .map_err(|e| transient(&e))?
+                .map_err(db_err)?
             {
                 stored.insert(m.id, m);
             }
         }
         let now = Utc::now();
+        let expiry = self.settings.worker_expiry().as_millis() as i64;
+        for item in items.iter_mut() {
+            let age = now.timestamp_millis() - item.env.accepted_ms;
+            if item.env.accepted_ms > 0
+                && age > expiry
+                && matches!(item.verdict, Verdict::Persist)
+                && !stored.contains_key(&item.msg.id)
+            {
+                metrics::counter!("worker_messages_expired_total").increment(1);
+                tracing::warn!(id = %item.msg.id, age_ms = age, "entry past its outcome deadline, not stored");
+                item.verdict = Verdict::Expired;
+            }
+        }
+        self.check_replies(&mut items, &stored).await?;
         let mut new_rows: Vec<NewMessage> = Vec::new();
         let unknown: Vec<Uuid> = {
             let mut v: Vec<Uuid> = items
@@ -217,11 +308,7 @@ impl Processor {
             v
         };
         if !unknown.is_empty() {
-            let max = self
-                .store
-                .max_seqs(&unknown)
-                .await
-                .map_err(|e| transient(&e))?;
+            let max = self.store.max_seqs(&unknown).await.map_err(db_err)?;
             for (c, m) in max {
                 seqs.next.insert(c, m + 1);
             }
@@ -250,9 +337,12 @@ impl Processor {
             *next += 1;
         }
         if let Err(e) = self.store.insert_messages(&new_rows).await {
-            // Perhaps a stale sequence (another worker wrote): reload next time.
-            seqs.clear();
-            return Err(transient(&e));
+            let e = db_err(e);
+            if matches!(e, ProcessError::Transient(_)) {
+                // Perhaps a stale sequence (another worker wrote): reload next time.
+                seqs.clear();
+            }
+            return Err(e);
         }
         seqs.next.extend(planned);
         let rows: HashMap<Uuid, &NewMessage> = new_rows.iter().map(|r| (r.id, r)).collect();
@@ -284,9 +374,9 @@ impl Processor {
                 }
                 Work::Other(o) => {
                     let (result, event) = self
-                        .apply(&o.env.command)
+                        .apply(&o.env.command, o.redelivered)
                         .await
-                        .map_err(|e| transient(&e))?;
+                        .map_err(db_err)?;
                     (
                         &o.env.origin,
                         o.env.command.request_id(),
@@ -311,6 +401,8 @@ impl Processor {
             };
             push_grouped(&mut node_outcomes, origin.node.clone(), outcome);
         }
+        // The commands' redelivery markers are done with once published.
+        settle_del.extend(command_keys);
         let mut publish: Vec<(String, Bytes)> =
             Vec::with_capacity(channel_events.len() + node_outcomes.len());
         for (channel, events) in &channel_events {
@@ -351,29 +443,86 @@ impl Processor {
         Ok(work.len())
     }
 
+    /// `replyToId` must name a message of the same channel (CONTRACT §4):
+    /// checked for every new message of the batch with one query, plus the
+    /// messages stored earlier in this very batch. A message that fails the
+    /// check is [`Verdict::Rejected`].
+    async fn check_replies(
+        &self,
+        items: &mut [Item],
+        stored: &HashMap<Uuid, switchboard_shared::store::entities::message::Model>,
+    ) -> Result<(), ProcessError> {
+        let to_check =
+            |i: &Item| matches!(i.verdict, Verdict::Persist) && !stored.contains_key(&i.msg.id);
+        let mut reply_ids: Vec<Uuid> = items
+            .iter()
+            .filter(|i| to_check(i))
+            .filter_map(|i| i.msg.reply_to_id)
+            .collect();
+        if reply_ids.is_empty() {
+            return Ok(());
+        }
+        reply_ids.sort();
+        reply_ids.dedup();
+        let mut channels = self
+            .store
+            .message_channels(&reply_ids)
+            .await
+            .map_err(db_err)?;
+        for item in items.iter_mut() {
+            if !to_check(item) {
+                continue;
+            }
+            if let Some(reply) = item.msg.reply_to_id {
+                if channels.get(&reply) != Some(&item.msg.channel_id) {
+                    item.verdict =
+                        Verdict::Rejected("replyToId is not a message of this channel".into());
+                    continue;
+                }
+            }
+            // Stored with this batch: later messages may reply to it.
+            channels.insert(item.msg.id, item.msg.channel_id);
+        }
+        Ok(())
+    }
+
     /// Applies a reaction or read command. A no-op (reaction already there,
-    /// read position already past) succeeds without an event.
+    /// read position already past) succeeds without an event, unless the
+    /// command is `redelivered`: then an earlier attempt may have made the
+    /// change without announcing it, so the stored state is announced (the
+    /// stored reaction row, its absence, the read) — at-least-once like
+    /// `message:created`, and never contradicting what is stored.
     async fn apply(
         &self,
         command: &Command,
+        redelivered: bool,
     ) -> Result<(OutcomeResult, Option<ChannelEvent>), sea_orm::DbErr> {
         let event = match command {
             Command::SendMessage(_) => None,
-            Command::AddReaction(r) => self
-                .store
-                .add_reaction(r.message_id, &r.user_id, &r.kind)
-                .await?
-                .map(|row| {
+            Command::AddReaction(r) => {
+                let mut row = self
+                    .store
+                    .add_reaction(r.message_id, &r.user_id, &r.kind)
+                    .await?;
+                if row.is_none() && redelivered {
+                    row = self
+                        .store
+                        .reaction(r.message_id, &r.user_id, &r.kind)
+                        .await?;
+                }
+                row.map(|row| {
                     ChannelEvent::ReactionAdded(ReactionAdded {
                         message_id: r.message_id.to_string(),
                         reaction: reaction_view(&row),
                         processed: true,
                     })
-                }),
-            Command::RemoveReaction(r) => self
+                })
+            }
+            Command::RemoveReaction(r) => (self
                 .store
                 .remove_reaction(r.message_id, &r.user_id, &r.kind)
                 .await?
+                || redelivered)
                 .then(|| {
                     ChannelEvent::ReactionRemoved(ReactionRemoved {
                         message_id: r.message_id.to_string(),
@@ -382,10 +531,11 @@ impl Processor {
                         processed: true,
                     })
                 }),
-            Command::ReadMessage(r) => self
+            Command::ReadMessage(r) => (self
                 .store
                 .mark_read(r.channel_id, &r.user_id, r.message_id)
                 .await?
+                || redelivered)
                 .then(|| {
                     ChannelEvent::MessageRead(MessageReadEvent {
                         message_id: r.message_id.to_string(),
@@ -443,6 +593,25 @@ fn send_result(
             },
             None,
         )),
+        Verdict::Rejected(error) => {
+            // Our own claim (fresh or our redelivery): free it for a resend.
+            settle_del.push(item.dedupe_key.clone());
+            Some((
+                OutcomeResult::Failed {
+                    error: error.clone(),
+                },
+                None,
+            ))
+        }
+        Verdict::Expired => {
+            settle_del.push(item.dedupe_key.clone());
+            Some((
+                OutcomeResult::Failed {
+                    error: errors::OUTCOME_UNKNOWN.into(),
+                },
+                None,
+            ))
+        }
     }
 }
 

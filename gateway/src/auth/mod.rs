@@ -36,14 +36,22 @@ pub enum AuthError {
     Algorithm(Algorithm),
     #[error("unknown signing key")]
     UnknownKey,
+    #[error("token expired")]
+    Expired,
+    #[error("token not yet valid")]
+    NotYetValid,
+    #[error("bad signature")]
+    BadSignature,
     #[error("invalid token: {0}")]
     Invalid(String),
     #[error("userId does not match the token's subject")]
     UserMismatch,
     #[error("authorized party not allowed")]
     Azp,
-    #[error("too many failed attempts from this address")]
-    Throttled,
+    /// Refused by the cheap checks alone, without verifying a signature,
+    /// because this address is over the failure threshold.
+    #[error("too many failed attempts from this address ({0})")]
+    Throttled(Box<AuthError>),
 }
 
 impl AuthError {
@@ -54,12 +62,59 @@ impl AuthError {
             AuthError::Malformed(_) => "malformed",
             AuthError::Algorithm(_) => "algorithm",
             AuthError::UnknownKey => "unknown_kid",
+            AuthError::Expired => "expired",
+            AuthError::NotYetValid => "not_yet_valid",
+            AuthError::BadSignature => "bad_signature",
             AuthError::Invalid(_) => "invalid",
             AuthError::UserMismatch => "user_mismatch",
             AuthError::Azp => "azp",
-            AuthError::Throttled => "throttled",
+            AuthError::Throttled(_) => "throttled",
         }
     }
+
+    /// Whether this failure counts towards the brute-force threshold of its
+    /// client address: forged or invalid tokens do; a genuine token that is
+    /// merely out of its validity window does not. Clerk session tokens live
+    /// about 60 s, so a client reconnecting with a stale token is routine,
+    /// not an attack, and must not lock out its address (or, behind a proxy,
+    /// everyone).
+    pub fn counts_as_abuse(&self) -> bool {
+        match self {
+            AuthError::Expired | AuthError::NotYetValid => false,
+            AuthError::Throttled(inner) => inner.counts_as_abuse(),
+            _ => true,
+        }
+    }
+
+    fn from_jwt(e: jsonwebtoken::errors::Error) -> Self {
+        use jsonwebtoken::errors::ErrorKind;
+        match e.kind() {
+            ErrorKind::ExpiredSignature => AuthError::Expired,
+            ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+            ErrorKind::InvalidSignature => AuthError::BadSignature,
+            ErrorKind::InvalidToken
+            | ErrorKind::Base64(_)
+            | ErrorKind::Json(_)
+            | ErrorKind::Utf8(_) => AuthError::Malformed(e.to_string()),
+            _ => AuthError::Invalid(e.to_string()),
+        }
+    }
+}
+
+/// The time claims, read without verification for the cheap checks.
+#[derive(Debug, Deserialize)]
+struct UnverifiedTimes {
+    #[serde(default)]
+    exp: Option<f64>,
+}
+
+fn strip_bearer(token: &str) -> &str {
+    let token = token.trim();
+    token
+        .strip_prefix("Bearer ")
+        .or_else(|| token.strip_prefix("bearer "))
+        .unwrap_or(token)
+        .trim()
 }
 
 #[derive(Debug, Deserialize)]
@@ -138,12 +193,25 @@ impl Verifier {
     /// Verifies `token` (with or without the `Bearer ` prefix) and, when
     /// given, that `user_id` is its subject.
     pub async fn verify(&self, token: &str, user_id: Option<&str>) -> Result<Identity, AuthError> {
-        let token = token.trim();
-        let token = token
-            .strip_prefix("Bearer ")
-            .or_else(|| token.strip_prefix("bearer "))
-            .unwrap_or(token)
-            .trim();
+        self.verify_guarded(token, user_id, false).await
+    }
+
+    /// [`Verifier::verify`] for a client over the failure threshold
+    /// (`suspect`): a token failing the cheap checks ([`Verifier::precheck`])
+    /// is refused as [`AuthError::Throttled`] without a signature check or a
+    /// JWKS refetch, so a flood costs next to nothing; a plausible token is
+    /// verified as usual, so a valid one is never refused.
+    pub async fn verify_guarded(
+        &self,
+        token: &str,
+        user_id: Option<&str>,
+        suspect: bool,
+    ) -> Result<Identity, AuthError> {
+        let token = strip_bearer(token);
+        if suspect {
+            self.precheck(token)
+                .map_err(|e| AuthError::Throttled(Box::new(e)))?;
+        }
         if token.is_empty() {
             return Err(AuthError::Missing);
         }
@@ -163,7 +231,7 @@ impl Verifier {
             validation.set_issuer(&[iss]);
         }
         let data = jsonwebtoken::decode::<Claims>(token, &key, &validation)
-            .map_err(|e| AuthError::Invalid(e.to_string()))?;
+            .map_err(AuthError::from_jwt)?;
         let claims = data.claims;
         if !self.parties.is_empty() {
             match &claims.azp {
@@ -190,6 +258,41 @@ impl Verifier {
             image_url: text(&self.image_claim),
             id: claims.sub,
         })
+    }
+
+    /// What can be checked without a signature verification or a network
+    /// call: the header decodes, its algorithm is accepted, its key is one
+    /// we hold (no refetch), and the unverified `exp` has not passed.
+    fn precheck(&self, token: &str) -> Result<(), AuthError> {
+        if token.is_empty() {
+            return Err(AuthError::Missing);
+        }
+        let header =
+            jsonwebtoken::decode_header(token).map_err(|e| AuthError::Malformed(e.to_string()))?;
+        match header.alg {
+            Algorithm::HS256 if self.dev.is_some() => {}
+            Algorithm::RS256 if self.pem.is_some() => {}
+            Algorithm::RS256 if self.jwks.is_some() => {
+                let known = match (&self.jwks, header.kid.as_deref()) {
+                    (Some(jwks), Some(kid)) => jwks.cached(kid).is_some(),
+                    _ => false,
+                };
+                if !known {
+                    return Err(AuthError::UnknownKey);
+                }
+            }
+            other => return Err(AuthError::Algorithm(other)),
+        }
+        let times = jsonwebtoken::dangerous::insecure_decode::<UnverifiedTimes>(token)
+            .map_err(|e| AuthError::Malformed(e.to_string()))?
+            .claims;
+        if let Some(exp) = times.exp {
+            let now = chrono::Utc::now().timestamp() as f64;
+            if exp + (self.leeway as f64) < now {
+                return Err(AuthError::Expired);
+            }
+        }
+        Ok(())
     }
 
     async fn rsa_key(&self, kid: Option<&str>) -> Result<DecodingKey, AuthError> {
@@ -266,7 +369,85 @@ mod tests {
         let forged = dev_token("other", "alice", None, Duration::from_secs(60)).expect("t");
         assert!(matches!(
             v.verify(&forged, None).await,
-            Err(AuthError::Invalid(_))
+            Err(AuthError::BadSignature)
+        ));
+    }
+
+    /// A dev token with explicit times.
+    fn timed_token(secret: &str, exp: i64, nbf: i64) -> String {
+        let now = chrono::Utc::now().timestamp();
+        let claims = DevClaims {
+            sub: "alice",
+            name: "Alice",
+            iat: now,
+            nbf: now + nbf,
+            exp: now + exp,
+        };
+        jsonwebtoken::encode(
+            &Header::new(Algorithm::HS256),
+            &claims,
+            &EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("encode")
+    }
+
+    #[tokio::test]
+    async fn stale_tokens_are_not_abuse_forged_ones_are() {
+        let v = Verifier::from_settings(&settings(&[("AUTH_DEV_SECRET", "s3cret")])).expect("v");
+        let expired = v
+            .verify(&timed_token("s3cret", -60, -120), Some("alice"))
+            .await;
+        assert!(matches!(expired, Err(AuthError::Expired)), "{expired:?}");
+        assert!(!expired.unwrap_err().counts_as_abuse());
+        let early = v
+            .verify(&timed_token("s3cret", 120, 60), Some("alice"))
+            .await;
+        assert!(matches!(early, Err(AuthError::NotYetValid)), "{early:?}");
+        assert!(!early.unwrap_err().counts_as_abuse());
+        // An expired forgery is a forgery: the signature is checked first.
+        let forged = v.verify(&timed_token("other", -60, -120), None).await;
+        assert!(matches!(forged, Err(AuthError::BadSignature)), "{forged:?}");
+        for e in [
+            AuthError::Missing,
+            AuthError::Malformed("x".into()),
+            AuthError::Algorithm(Algorithm::HS512),
+            AuthError::UnknownKey,
+            AuthError::BadSignature,
+            AuthError::UserMismatch,
+            AuthError::Azp,
+        ] {
+            assert!(e.counts_as_abuse(), "{e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn over_the_threshold_cheap_failures_fail_fast_and_valid_tokens_pass() {
+        let v = Verifier::from_settings(&settings(&[("AUTH_DEV_SECRET", "s3cret")])).expect("v");
+        let valid = dev_token("s3cret", "alice", None, Duration::from_secs(60)).expect("t");
+        assert!(v.verify_guarded(&valid, Some("alice"), true).await.is_ok());
+        let cheap = |r: Result<Identity, AuthError>| match r {
+            Err(AuthError::Throttled(inner)) => Some(*inner),
+            _ => None,
+        };
+        assert!(matches!(
+            cheap(v.verify_guarded("abc", Some("alice"), true).await),
+            Some(AuthError::Malformed(_))
+        ));
+        let expired = cheap(
+            v.verify_guarded(&timed_token("s3cret", -60, -120), Some("alice"), true)
+                .await,
+        );
+        assert!(matches!(expired, Some(AuthError::Expired)), "{expired:?}");
+        let rs = "eyJhbGciOiJSUzI1NiIsImtpZCI6Im5vcGUifQ.e30.c2ln";
+        assert!(matches!(
+            cheap(v.verify_guarded(rs, None, true).await),
+            Some(AuthError::Algorithm(Algorithm::RS256))
+        ));
+        // A plausible forgery is verified (and counted), not fast-failed.
+        let forged = dev_token("other", "alice", None, Duration::from_secs(60)).expect("t");
+        assert!(matches!(
+            v.verify_guarded(&forged, Some("alice"), true).await,
+            Err(AuthError::BadSignature)
         ));
     }
 

@@ -13,37 +13,14 @@ use uuid::Uuid;
 
 use super::inbox::Inbound;
 use super::Session;
-use crate::fanout::local_sockets_of;
-use crate::state::{channel_room, App};
-
-/// Puts one local socket in a channel: subscription first (so nothing
-/// published afterwards is missed), then the room.
-pub async fn enter(app: &App, s: &SocketRef, session: &Session, channel: Uuid) -> bool {
-    let fresh = session
-        .channels
-        .lock()
-        .map(|mut c| c.insert(channel))
-        .unwrap_or(false);
-    if !fresh {
-        return true;
-    }
-    if let Err(e) = app.subscriptions.retain(&[channel]).await {
-        tracing::warn!(error = %e, "subscription failed");
-        if let Ok(mut c) = session.channels.lock() {
-            c.remove(&channel);
-        }
-        return false;
-    }
-    s.join(channel_room(&channel));
-    true
-}
+use crate::state::{local_sockets_of, App};
 
 /// Applies a membership change published by any node (REST invitation or a
 /// join from another device): the user's sockets here enter the room.
 pub async fn apply(app: &App, change: MembershipChange) {
     for s in local_sockets_of(app, &change.user_id) {
         if let Some(session) = s.extensions.get::<std::sync::Arc<Session>>() {
-            enter(app, &s, &session, change.channel_id).await;
+            session.enter(app, &s, change.channel_id).await;
         }
     }
 }
@@ -111,7 +88,7 @@ pub async fn join(app: &App, s: &SocketRef, session: &Session, inbound: Inbound)
             return refuse(s, inbound, Some(raw), "Service temporarily unavailable");
         }
     };
-    if !enter(app, s, session, channel_id).await {
+    if !session.enter(app, s, channel_id).await {
         return refuse(s, inbound, Some(raw), "Service temporarily unavailable");
     }
     let joined = UserJoined {

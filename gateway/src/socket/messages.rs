@@ -26,6 +26,17 @@ struct Draft {
     reply_to_id: Option<Uuid>,
 }
 
+/// Refuses text the database cannot store. PostgreSQL rejects a NUL
+/// character in any text value; accepted, such a write would only fail in
+/// the worker, so every text field a client sends (socket events and REST)
+/// is checked at the gateway and answered with the area's error at once.
+pub fn storable(field: &str, value: &str) -> Result<(), String> {
+    if value.contains('\0') {
+        return Err(format!("{field} must not contain NUL characters"));
+    }
+    Ok(())
+}
+
 /// Checks a `message:send` payload (CONTRACT §4); the error is the client's
 /// `message:failed.error`.
 fn validate(app: &App, data: Option<&Value>) -> Result<Draft, String> {
@@ -35,6 +46,7 @@ fn validate(app: &App, data: Option<&Value>) -> Result<Draft, String> {
     let temp_id = match obj.get("tempId") {
         None | Some(Value::Null) => None,
         Some(Value::String(t)) if t.chars().count() <= app.settings.max_temp_id_chars => {
+            storable("tempId", t)?;
             Some(t.clone())
         }
         Some(Value::String(_)) => {
@@ -53,6 +65,7 @@ fn validate(app: &App, data: Option<&Value>) -> Result<Draft, String> {
     if content.trim().is_empty() {
         return Err("Message content cannot be empty".into());
     }
+    storable("content", content)?;
     let max = app.settings.max_content_chars;
     if content.chars().count() > max {
         return Err(format!(
@@ -69,6 +82,7 @@ fn validate(app: &App, data: Option<&Value>) -> Result<Draft, String> {
     let reply_to_id = match obj.get("replyToId") {
         None | Some(Value::Null) => None,
         Some(Value::String(r)) => {
+            storable("replyToId", r)?;
             Some(Uuid::parse_str(r).map_err(|_| "replyToId is not a message id".to_string())?)
         }
         Some(_) => return Err("replyToId must be a string".into()),
@@ -165,7 +179,14 @@ async fn prepare(
             return None;
         }
     };
-    app.pending.insert(id, Kind::Message, s.clone(), Some(ack));
+    app.pending.insert(
+        id,
+        Kind::Message {
+            temp_id: draft.temp_id.clone(),
+        },
+        s.clone(),
+        Some(ack),
+    );
     Some(Prepared {
         id,
         temp_id: draft.temp_id,

@@ -19,15 +19,17 @@ pub mod inbox;
 pub mod membership;
 pub mod messages;
 pub mod reactions;
+pub mod session;
 
-use std::collections::HashSet;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use axum::extract::ConnectInfo;
+use socketioxide::adapter::LocalAdapter;
 use socketioxide::extract::{SocketRef, TryData};
-use socketioxide::handler::ConnectHandler;
+use socketioxide::handler::{ConnectHandler, FromConnectParts};
+use socketioxide::socket::Socket;
 use switchboard_shared::protocol::{
     errors, events, Command, CommandEnvelope, ConnectionError, ConnectionSuccess, Origin,
 };
@@ -37,6 +39,8 @@ use uuid::Uuid;
 use crate::auth::{AuthError, Identity};
 use crate::state::{channel_room, user_room, App, NAMESPACES};
 use inbox::{Enqueue, Inbound, InboxTx};
+pub use session::Session;
+use session::SessionGuard;
 
 /// Events a client may send; anything else is ignored.
 const CLIENT_EVENTS: [&str; 5] = [
@@ -46,29 +50,6 @@ const CLIENT_EVENTS: [&str; 5] = [
     events::REACTION_REMOVE,
     events::CHANNEL_JOIN,
 ];
-
-/// An authenticated socket's state, in its extensions.
-pub struct Session {
-    pub user: Identity,
-    /// Channels this socket is in (and holds a subscription reference for).
-    pub channels: Mutex<HashSet<Uuid>>,
-}
-
-impl Session {
-    pub fn is_member(&self, channel: &Uuid) -> bool {
-        self.channels
-            .lock()
-            .map(|c| c.contains(channel))
-            .unwrap_or(false)
-    }
-
-    fn channel_list(&self) -> Vec<Uuid> {
-        self.channels
-            .lock()
-            .map(|c| c.iter().copied().collect())
-            .unwrap_or_default()
-    }
-}
 
 /// The stream entry of a command from socket `s`: where its answer goes,
 /// and the trace it continues.
@@ -81,6 +62,7 @@ pub fn envelope(app: &App, s: &SocketRef, command: Command) -> CommandEnvelope {
         },
         trace: switchboard_shared::telemetry::current_trace_context(),
         command,
+        accepted_ms: chrono::Utc::now().timestamp_millis(),
     }
 }
 
@@ -103,8 +85,8 @@ pub fn register(app: &App) {
         app.io.ns(
             ns,
             (move |s: SocketRef| on_connect(on_connect_app.clone(), s)).with(
-                move |s: SocketRef, auth: TryData<serde_json::Value>| {
-                    authenticate(auth_app.clone(), s, auth.0.ok())
+                move |s: SocketRef, handle: WeakSocket, auth: TryData<serde_json::Value>| {
+                    authenticate(auth_app.clone(), s, handle, auth.0.ok())
                 },
             ),
         );
@@ -112,20 +94,40 @@ pub fn register(app: &App) {
 }
 
 /// The client address failed attempts are counted by.
-fn client_address(s: &SocketRef) -> String {
-    s.req_parts()
+/// Behind a trusted proxy it comes from `X-Forwarded-For` (see
+/// [`crate::client_addr`]), else it is the TCP peer.
+fn client_address(app: &App, s: &SocketRef) -> String {
+    let parts = s.req_parts();
+    parts
         .extensions
         .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.ip().to_string())
+        .map(|c| app.proxies.client_ip(c.0.ip(), &parts.headers).to_string())
         .unwrap_or_else(|| "unknown".into())
+}
+
+/// A weak reference to the socket being connected: what the inbox task
+/// keeps, so that the socket can be freed (and its [`SessionGuard`] run)
+/// even when socketioxide drops it without a disconnect.
+pub struct WeakSocket(Weak<Socket<LocalAdapter>>);
+
+impl FromConnectParts<LocalAdapter> for WeakSocket {
+    type Error = std::convert::Infallible;
+
+    fn from_connect_parts(
+        s: &Arc<Socket<LocalAdapter>>,
+        _: &Option<socketioxide::handler::Value>,
+    ) -> Result<Self, Self::Error> {
+        Ok(Self(Arc::downgrade(s)))
+    }
 }
 
 async fn authenticate(
     app: App,
     s: SocketRef,
+    handle: WeakSocket,
     auth: Option<serde_json::Value>,
 ) -> Result<(), std::convert::Infallible> {
-    let outcome = match handshake(&app, &s, auth).await {
+    let outcome = match handshake(&app, &s, handle, auth).await {
         Ok(h) => h,
         Err(refused) => refused,
     };
@@ -136,9 +138,10 @@ async fn authenticate(
 async fn handshake(
     app: &App,
     s: &SocketRef,
+    handle: WeakSocket,
     auth: Option<serde_json::Value>,
 ) -> Result<Handshake, Handshake> {
-    let addr = client_address(s);
+    let addr = client_address(app, s);
     let fail_key = format!("authfail:{addr}");
     let window = Duration::from_secs(app.settings.auth_fail_window_s);
     let refuse = |attempt: u64| Handshake::Refused {
@@ -147,36 +150,40 @@ async fn handshake(
         error: errors::NOT_AUTHENTICATED,
     };
 
-    // Brute-force protection: past the threshold, fail without verifying.
-    let failures = app.bus.read_counter(&fail_key).await.unwrap_or(0);
-    let verdict: Result<Identity, AuthError> = if failures >= app.settings.auth_fail_threshold {
-        Err(AuthError::Throttled)
-    } else {
-        let token = auth
-            .as_ref()
-            .and_then(|a| a.get("token"))
-            .and_then(|t| t.as_str())
-            .unwrap_or_default();
-        let user_id = auth
-            .as_ref()
-            .and_then(|a| a.get("userId"))
-            .and_then(|u| u.as_str());
-        match user_id {
-            None => Err(AuthError::Missing),
-            Some(uid) => app.verifier.verify(token, Some(uid)).await,
-        }
+    // Brute-force protection (CONTRACT §2). `authabuse:` counts forged or
+    // invalid tokens from this client address (not expired ones: see
+    // `AuthError::counts_as_abuse`). Past the threshold a token failing the
+    // cheap checks is refused without a signature check or JWKS refetch,
+    // while a plausible one is still verified: a valid token always gets
+    // in. `authfail:` counts every failure, for `reconnectAttempt`.
+    let abuse_key = format!("authabuse:{addr}");
+    let abuses = app.bus.read_counter(&abuse_key).await.unwrap_or(0);
+    let suspect = abuses >= app.settings.auth_fail_threshold;
+    let token = auth
+        .as_ref()
+        .and_then(|a| a.get("token"))
+        .and_then(|t| t.as_str())
+        .unwrap_or_default();
+    let user_id = auth
+        .as_ref()
+        .and_then(|a| a.get("userId"))
+        .and_then(|u| u.as_str());
+    let verdict: Result<Identity, AuthError> = match user_id {
+        None => Err(AuthError::Missing),
+        Some(uid) => app.verifier.verify_guarded(token, Some(uid), suspect).await,
     };
     let user = match verdict {
         Ok(user) => user,
         Err(e) => {
             metrics::counter!("gateway_auth_failures_total", "reason" => e.label()).increment(1);
-            tracing::info!(%addr, reason = %e, "handshake refused");
-            let attempt = app
-                .bus
-                .count_in_window(&fail_key, window)
-                .await
-                .unwrap_or(failures + 1);
-            return Err(refuse(attempt));
+            let abuse = e.counts_as_abuse();
+            tracing::info!(%addr, reason = %e, abuse, "handshake refused");
+            let (attempt, _) = tokio::join!(app.bus.count_in_window(&fail_key, window), async {
+                if abuse {
+                    let _ = app.bus.count_in_window(&abuse_key, window).await;
+                }
+            });
+            return Err(refuse(attempt.unwrap_or(abuses + 1)));
         }
     };
 
@@ -188,8 +195,8 @@ async fn handshake(
             error: "Service temporarily unavailable",
         }
     };
-    app.store
-        .upsert_user(&user.id, &user.name, user.image_url.as_deref())
+    app.users
+        .ensure(&app.store, &user)
         .await
         .map_err(|e| unavailable(&e))?;
     let channels = app
@@ -201,23 +208,25 @@ async fn handshake(
         .retain(&channels)
         .await
         .map_err(|e| unavailable(&e))?;
-
-    let mut rooms: Vec<String> = channels.iter().map(channel_room).collect();
-    rooms.push(user_room(&user.id));
+    let ids: Vec<Uuid> = channels.iter().map(|(c, _)| *c).collect();
+    // From here on the session owns the subscriptions just retained.
+    let session = Session::open(app, user, s.ns(), &ids);
+    s.extensions.insert(Arc::new(SessionGuard {
+        app: app.clone(),
+        session: session.clone(),
+    }));
+    let mut rooms: Vec<String> = ids.iter().map(channel_room).collect();
+    rooms.push(user_room(&session.user.id));
     s.join(rooms);
-    let session = Arc::new(Session {
-        user,
-        channels: Mutex::new(channels.iter().copied().collect()),
-    });
-    open_inbox(app, s, session.clone());
+    open_inbox(app, s, handle, session.clone());
     Ok(Handshake::Accepted(
         session,
-        channels.iter().map(Uuid::to_string).collect(),
+        ids.iter().map(Uuid::to_string).collect(),
     ))
 }
 
 /// Creates the socket's inbox and its task, and routes client events to it.
-fn open_inbox(app: &App, s: &SocketRef, session: Arc<Session>) {
+fn open_inbox(app: &App, s: &SocketRef, handle: WeakSocket, session: Arc<Session>) {
     let (tx, rx) = mpsc::channel::<Inbound>(app.settings.socket_inbox_capacity);
     s.extensions.insert(InboxTx(tx));
     s.extensions.insert(session.clone());
@@ -229,25 +238,28 @@ fn open_inbox(app: &App, s: &SocketRef, session: Arc<Session>) {
     s.on_disconnect(move |s: SocketRef| async move {
         // Dropping the sender ends the inbox task once it drained.
         s.extensions.remove::<InboxTx>();
-        disconnect_app
-            .subscriptions
-            .release(&disconnect_session.channel_list())
-            .await;
-        disconnect_app.count_socket(s.ns(), -1);
-        metrics::gauge!("gateway_sockets_connected").decrement(1.0);
+        disconnect_session.close(&disconnect_app).await;
     });
-    app.count_socket(s.ns(), 1);
-    tokio::spawn(run_inbox(app.clone(), s.clone(), session, rx));
-    metrics::gauge!("gateway_sockets_connected").increment(1.0);
+    tokio::spawn(run_inbox(app.clone(), handle, session, rx));
 }
 
 /// Most events the inbox takes in one go (consecutive sends share one
 /// round trip to the stream).
 const INBOX_BATCH: usize = 128;
 
-async fn run_inbox(app: App, s: SocketRef, session: Arc<Session>, mut rx: mpsc::Receiver<Inbound>) {
+async fn run_inbox(
+    app: App,
+    socket: WeakSocket,
+    session: Arc<Session>,
+    mut rx: mpsc::Receiver<Inbound>,
+) {
     let mut batch = Vec::with_capacity(INBOX_BATCH);
     while rx.recv_many(&mut batch, INBOX_BATCH).await > 0 {
+        // Strong only while a batch is handled: the socket must stay
+        // freeable (see `session`).
+        let Some(s) = socket.0.upgrade().map(SocketRef::from) else {
+            break;
+        };
         let mut sends = Vec::new();
         for inbound in batch.drain(..) {
             if inbound.event == events::MESSAGE_SEND {
@@ -257,7 +269,7 @@ async fn run_inbox(app: App, s: SocketRef, session: Arc<Session>, mut rx: mpsc::
             if !sends.is_empty() {
                 messages::send_batch(&app, &s, &session, std::mem::take(&mut sends)).await;
             }
-            handle(&app, &s, &session, inbound).await;
+            handle_event(&app, &s, &session, inbound).await;
         }
         if !sends.is_empty() {
             messages::send_batch(&app, &s, &session, sends).await;
@@ -265,7 +277,7 @@ async fn run_inbox(app: App, s: SocketRef, session: Arc<Session>, mut rx: mpsc::
     }
 }
 
-async fn handle(app: &App, s: &SocketRef, session: &Session, inbound: Inbound) {
+async fn handle_event(app: &App, s: &SocketRef, session: &Session, inbound: Inbound) {
     match inbound.event.as_str() {
         events::CHANNEL_JOIN => membership::join(app, s, session, inbound).await,
         events::MESSAGE_READ => reactions::read(app, s, session, inbound).await,
@@ -292,14 +304,16 @@ pub fn refuse<T: serde::Serialize>(
 async fn on_connect(app: App, s: SocketRef) {
     match s.extensions.get::<Handshake>() {
         Some(Handshake::Accepted(session, channels)) => {
-            let _ = s.emit(
+            let sent = s.emit(
                 events::CONNECTION_SUCCESS,
                 &ConnectionSuccess {
                     user_id: session.user.id.clone(),
                     channels,
                 },
             );
-            if app.is_draining() {
+            // A client that left during the handshake: disconnecting runs
+            // the disconnect handler, which gives its resources back.
+            if sent.is_err() || app.is_draining() {
                 let _ = s.disconnect();
             }
         }

@@ -14,6 +14,7 @@ use switchboard_shared::protocol::{
 use uuid::Uuid;
 
 use super::inbox::Inbound;
+use super::messages::storable;
 use super::Session;
 use crate::pending::Kind;
 use crate::state::App;
@@ -107,6 +108,9 @@ pub async fn react(app: &App, s: &SocketRef, session: &Session, inbound: Inbound
             "messageId and type must be strings",
         );
     };
+    if let Err(error) = storable("messageId", &message_id).and(storable("type", &kind)) {
+        return reaction_error(s, inbound, Some(message_id), Some(kind), &error);
+    }
     let max = app.settings.max_reaction_type_bytes;
     if kind.trim().is_empty() || kind.len() > max {
         let error = format!("type must be a non-empty string of at most {max} bytes");
@@ -149,6 +153,9 @@ pub async fn read(app: &App, s: &SocketRef, session: &Session, inbound: Inbound)
     let Some(message_id) = text(inbound.data.as_ref(), "messageId") else {
         return read_error(s, inbound, None, "messageId must be a string");
     };
+    if let Err(error) = storable("messageId", &message_id) {
+        return read_error(s, inbound, Some(message_id), &error);
+    }
     let (mid, channel_id) = match channel_of(app, session, &message_id).await {
         Ok(ids) => ids,
         Err(error) => return read_error(s, inbound, Some(message_id), &error),

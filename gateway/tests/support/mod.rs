@@ -67,6 +67,9 @@ pub struct Proc {
 }
 
 impl Proc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -65,6 +65,8 @@ pub struct MemoryBus {
     /// Woken on every append so a blocked `read` returns at once.
     appended: Notify,
     incoming: broadcast::Sender<TopicMessage>,
+    /// Never bumped: in-process pub/sub cannot disconnect.
+    gaps: tokio::sync::watch::Sender<u64>,
     max_len: u64,
 }
 
@@ -83,6 +85,7 @@ impl MemoryBus {
             state: Mutex::new(State::default()),
             appended: Notify::new(),
             incoming,
+            gaps: tokio::sync::watch::Sender::new(0),
             max_len,
         }
     }
@@ -307,6 +310,16 @@ impl Bus for MemoryBus {
         Ok(())
     }
 
+    async fn release_dedupe(&self, claims: &[(String, String)]) -> BusResult<()> {
+        let mut state = self.lock();
+        for (key, value) in claims {
+            if state.live_key(key) == Some(value) {
+                state.keys.remove(key);
+            }
+        }
+        Ok(())
+    }
+
     async fn count_in_window(&self, key: &str, window: Duration) -> BusResult<u64> {
         let mut state = self.lock();
         let now = Instant::now();
@@ -359,6 +372,10 @@ impl Bus for MemoryBus {
         self.incoming.subscribe()
     }
 
+    fn pubsub_gaps(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.gaps.subscribe()
+    }
+
     async fn ping(&self) -> BusResult<()> {
         Ok(())
     }
@@ -404,5 +421,22 @@ mod tests {
             .await
             .expect("claim");
         assert_eq!(second, vec![DedupeClaim::Existing("v1".into())]);
+    }
+
+    #[tokio::test]
+    async fn release_deletes_only_our_own_claim() {
+        let bus = MemoryBus::new(10);
+        let ttl = Duration::from_secs(5);
+        let claims = [("a".into(), "p:1".into()), ("b".into(), "p:2".into())];
+        bus.claim_dedupe(&claims, ttl).await.expect("claim");
+        // "b" holds another entry's claim: kept.
+        bus.release_dedupe(&[("a".into(), "p:1".into()), ("b".into(), "p:9".into())])
+            .await
+            .expect("release");
+        let again = bus.claim_dedupe(&claims, ttl).await.expect("claim");
+        assert_eq!(
+            again,
+            vec![DedupeClaim::Claimed, DedupeClaim::Existing("p:2".into())]
+        );
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 use uuid::Uuid;
 
 /// Errors of the bus.
@@ -208,6 +208,12 @@ pub trait Bus: Send + Sync + 'static {
         ttl: Duration,
         delete: &[String],
     ) -> BusResult<()>;
+    /// Deletes each key that still holds the given value (compare-and-delete),
+    /// in one round trip. The dead-letter path settles an entry's own claim
+    /// (`p:<id>`) with it, so a resend with the same `tempId` is not refused
+    /// as "already being processed" for the claim's TTL, while a key that
+    /// meanwhile belongs to another entry (or a delivered `d:<id>`) is kept.
+    async fn release_dedupe(&self, claims: &[(String, String)]) -> BusResult<()>;
     /// Increments a counter that expires `window` after its first increment.
     async fn count_in_window(&self, key: &str, window: Duration) -> BusResult<u64>;
     /// Reads such a counter without incrementing it.
@@ -224,6 +230,11 @@ pub trait Bus: Send + Sync + 'static {
     async fn unsubscribe(&self, topics: Vec<String>) -> BusResult<()>;
     /// Messages of subscribed topics.
     fn incoming(&self) -> broadcast::Receiver<TopicMessage>;
+    /// A counter bumped whenever messages of subscribed topics may have been
+    /// missed: the pub/sub connection was re-established and re-subscribed
+    /// (what was published meanwhile is gone), or a reader fell behind. A
+    /// gateway then repairs from the database what its sockets may lack.
+    fn pubsub_gaps(&self) -> watch::Receiver<u64>;
 
     /// Whether the backend answers (for `/readyz`).
     async fn ping(&self) -> BusResult<()>;

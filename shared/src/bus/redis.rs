@@ -93,6 +93,14 @@ end
 return 1
 "#;
 
+/// Deletes `KEYS[i]` only if it still holds `ARGV[i]` (our own claim).
+const RELEASE_DEDUPE_LUA: &str = r#"
+for i = 1, #KEYS do
+  if redis.call('GET', KEYS[i]) == ARGV[i] then redis.call('DEL', KEYS[i]) end
+end
+return 1
+"#;
+
 const COUNT_LUA: &str = r#"
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
@@ -114,6 +122,7 @@ struct Scripts {
     heartbeat: Script,
     claim: Script,
     settle: Script,
+    release_dedupe: Script,
     count: Script,
 }
 
@@ -124,6 +133,7 @@ pub struct RedisBus {
     reader: Client,
     subscriber: SubscriberClient,
     incoming: broadcast::Sender<TopicMessage>,
+    gaps: tokio::sync::watch::Sender<u64>,
     scripts: Scripts,
     /// Options of writes a client waits on: fail at once when Redis is down.
     fail_fast: Options,
@@ -157,8 +167,9 @@ impl RedisBus {
         subscriber.init().await?;
 
         let (incoming, _) = broadcast::channel(INCOMING_CAPACITY);
-        spawn_forwarder(&subscriber, incoming.clone());
-        spawn_resubscriber(&subscriber);
+        let gaps = tokio::sync::watch::Sender::new(0u64);
+        spawn_forwarder(&subscriber, incoming.clone(), gaps.clone());
+        spawn_resubscriber(&subscriber, gaps.clone());
 
         Ok(Self {
             topics: Topics::new(prefix),
@@ -167,6 +178,7 @@ impl RedisBus {
             reader,
             subscriber,
             incoming,
+            gaps,
             scripts: Scripts {
                 append: Script::from_lua(APPEND_LUA),
                 ack: Script::from_lua(ACK_LUA),
@@ -176,6 +188,7 @@ impl RedisBus {
                 heartbeat: Script::from_lua(HEARTBEAT_LUA),
                 claim: Script::from_lua(CLAIM_LUA),
                 settle: Script::from_lua(SETTLE_LUA),
+                release_dedupe: Script::from_lua(RELEASE_DEDUPE_LUA),
                 count: Script::from_lua(COUNT_LUA),
             },
             fail_fast: Options {
@@ -284,7 +297,11 @@ impl RedisBus {
 
 /// Moves pub/sub messages from fred's channel to ours, so readers depend on
 /// the trait's type only.
-fn spawn_forwarder(subscriber: &SubscriberClient, out: broadcast::Sender<TopicMessage>) {
+fn spawn_forwarder(
+    subscriber: &SubscriberClient,
+    out: broadcast::Sender<TopicMessage>,
+    gaps: tokio::sync::watch::Sender<u64>,
+) {
     let mut rx = subscriber.message_rx();
     tokio::spawn(async move {
         loop {
@@ -299,6 +316,7 @@ fn spawn_forwarder(subscriber: &SubscriberClient, out: broadcast::Sender<TopicMe
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     metrics::counter!("bus_pubsub_lagged_total").increment(n);
                     tracing::error!(lost = n, "pub/sub forwarder lagged");
+                    gaps.send_modify(|g| *g += 1);
                 }
                 Err(broadcast::error::RecvError::Closed) => break,
             }
@@ -309,15 +327,23 @@ fn spawn_forwarder(subscriber: &SubscriberClient, out: broadcast::Sender<TopicMe
 /// After every reconnect, subscribes again to every tracked topic, retrying
 /// until it succeeds. (A reconnect without this silently stops fan-out: the
 /// known failure of adapters that subscribe once at start.)
-fn spawn_resubscriber(subscriber: &SubscriberClient) {
+fn spawn_resubscriber(subscriber: &SubscriberClient, gaps: tokio::sync::watch::Sender<u64>) {
     let subscriber = subscriber.clone();
     let mut reconnects = subscriber.reconnect_rx();
     tokio::spawn(async move {
-        while reconnects.recv().await.is_ok() {
+        loop {
+            match reconnects.recv().await {
+                // Several reconnects collapsed into one: one re-subscribe serves them all.
+                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                Err(broadcast::error::RecvError::Closed) => break,
+            }
             let mut delay = Duration::from_millis(50);
             loop {
                 match subscriber.resubscribe_all().await {
                     Ok(()) => {
+                        // Whatever was published while the connection was
+                        // down is gone: readers repair from the database.
+                        gaps.send_modify(|g| *g += 1);
                         metrics::counter!("bus_resubscribes_total").increment(1);
                         tracing::info!(
                             topics = subscriber.tracked_channels().len(),
@@ -745,6 +771,22 @@ impl Bus for RedisBus {
         Ok(())
     }
 
+    async fn release_dedupe(&self, claims: &[(String, String)]) -> BusResult<()> {
+        if claims.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<String> = claims.iter().map(|(k, _)| self.topics.dedupe(k)).collect();
+        let args: Vec<Value> = claims
+            .iter()
+            .map(|(_, v)| Value::from(v.as_str()))
+            .collect();
+        let _: Value = self
+            .run(&self.scripts.release_dedupe, false, keys, args)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
     async fn count_in_window(&self, key: &str, window: Duration) -> BusResult<u64> {
         let n: i64 = self
             .run(
@@ -802,6 +844,10 @@ impl Bus for RedisBus {
 
     fn incoming(&self) -> broadcast::Receiver<TopicMessage> {
         self.incoming.subscribe()
+    }
+
+    fn pubsub_gaps(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.gaps.subscribe()
     }
 
     async fn ping(&self) -> BusResult<()> {

@@ -10,7 +10,7 @@ pub struct Migrator;
 #[async_trait::async_trait]
 impl MigratorTrait for Migrator {
     fn migrations() -> Vec<Box<dyn MigrationTrait>> {
-        vec![Box::new(Initial)]
+        vec![Box::new(Initial), Box::new(ListIndexes)]
     }
 }
 
@@ -238,6 +238,77 @@ impl MigrationTrait for Initial {
             Users::Table.into_iden(),
         ] {
             m.drop_table(Table::drop().table(t).if_exists().to_owned())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// Indexes for the paginated channel list (`GET /api/channels`).
+///
+/// - `idx_messages_unread` (`channel_id, seq, user_id`) covers the unread
+///   count: messages of a channel after the member's read position, not
+///   their own. PostgreSQL answers it with an index-only scan, SQLite from
+///   the covering index, without touching the message rows.
+/// - `idx_channels_public_id` (`is_private, id`) walks the public channels
+///   in id order from a cursor, a page at a time.
+/// - `idx_channel_members_user_channel` (`user_id, channel_id`) does the
+///   same for the caller's memberships.
+struct ListIndexes;
+
+impl MigrationName for ListIndexes {
+    fn name(&self) -> &str {
+        "m0002_channel_list_indexes"
+    }
+}
+
+#[async_trait::async_trait]
+impl MigrationTrait for ListIndexes {
+    async fn up(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        m.create_index(
+            Index::create()
+                .if_not_exists()
+                .name("idx_messages_unread")
+                .table(Messages::Table)
+                .col(Messages::ChannelId)
+                .col(Messages::Seq)
+                .col(Messages::UserId)
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(
+            Index::create()
+                .if_not_exists()
+                .name("idx_channels_public_id")
+                .table(Channels::Table)
+                .col(Channels::IsPrivate)
+                .col(Channels::Id)
+                .to_owned(),
+        )
+        .await?;
+        m.create_index(
+            Index::create()
+                .if_not_exists()
+                .name("idx_channel_members_user_channel")
+                .table(ChannelMembers::Table)
+                .col(ChannelMembers::UserId)
+                .col(ChannelMembers::ChannelId)
+                .to_owned(),
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn down(&self, m: &SchemaManager) -> Result<(), DbErr> {
+        for (name, table) in [
+            ("idx_messages_unread", Messages::Table.into_iden()),
+            ("idx_channels_public_id", Channels::Table.into_iden()),
+            (
+                "idx_channel_members_user_channel",
+                ChannelMembers::Table.into_iden(),
+            ),
+        ] {
+            m.drop_index(Index::drop().name(name).table(table).if_exists().to_owned())
                 .await?;
         }
         Ok(())

@@ -39,6 +39,14 @@ pub struct ChannelView {
     pub unread_count: i64,
 }
 
+/// A page of the channel list: the channels, and the cursor (`after`) of
+/// the next page when there is one.
+#[derive(Debug, Clone)]
+pub struct ChannelPage {
+    pub channels: Vec<ChannelView>,
+    pub next: Option<String>,
+}
+
 /// A message with its reactions, as the history API shows it.
 #[derive(Debug, Clone, serde::Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -46,6 +54,10 @@ pub struct HistoryMessage {
     #[serde(flatten)]
     pub message: MessageView,
     pub reactions: Vec<ReactionView>,
+    /// The sender's `tempId` (not part of the history shape; a replayed
+    /// `message:created` carries it).
+    #[serde(skip)]
+    pub temp_id: Option<String>,
 }
 
 /// A message ready to be inserted by a worker.
@@ -134,6 +146,12 @@ impl Store {
     // ---- users -------------------------------------------------------------
 
     /// Creates or refreshes a user from their token's profile claims.
+    ///
+    /// The display claims (name, image) are free text from the identity
+    /// provider; a NUL character in them would make PostgreSQL refuse the
+    /// row and with it every handshake and REST call of that user, so it is
+    /// stripped here, where every caller passes. (The id is not rewritten:
+    /// it must match the token's `sub` exactly.)
     pub async fn upsert_user(
         &self,
         id: &str,
@@ -143,8 +161,8 @@ impl Store {
         let now = Utc::now();
         user::Entity::insert(user::ActiveModel {
             id: Set(id.to_string()),
-            name: Set(name.to_string()),
-            image_url: Set(image_url.map(String::from)),
+            name: Set(strip_nul(name)),
+            image_url: Set(image_url.map(strip_nul)),
             created_at: Set(now),
             updated_at: Set(now),
         })
@@ -180,17 +198,42 @@ impl Store {
 
     // ---- channels and membership ---------------------------------------------
 
-    /// Ids of every channel the user is a member of, oldest membership first.
-    pub async fn channels_of(&self, user_id: &str, limit: usize) -> Result<Vec<Uuid>, DbErr> {
-        channel_member::Entity::find()
-            .select_only()
-            .column(channel_member::Column::ChannelId)
-            .filter(channel_member::Column::UserId.eq(user_id))
-            .order_by_asc(channel_member::Column::JoinedAt)
-            .limit(limit as u64)
-            .into_tuple::<Uuid>()
-            .all(&self.db)
-            .await
+    /// Every channel the user is a member of, oldest membership first, with
+    /// its position: the seq of its latest message (0 if none). One query,
+    /// run at every handshake.
+    pub async fn channels_of(
+        &self,
+        user_id: &str,
+        limit: usize,
+    ) -> Result<Vec<(Uuid, i64)>, DbErr> {
+        #[derive(FromQueryResult)]
+        struct Row {
+            channel_id: Uuid,
+            position: i64,
+        }
+        let backend = self.backend();
+        let (p1, p2) = match backend {
+            DatabaseBackend::Postgres => ("$1", "$2"),
+            _ => ("?", "?"),
+        };
+        // The subquery is answered from the (channel_id, seq) unique index.
+        let sql = format!(
+            "SELECT m.channel_id, \
+               COALESCE((SELECT MAX(x.seq) FROM messages x WHERE x.channel_id = m.channel_id), 0) AS position \
+             FROM channel_members m WHERE m.user_id = {p1} \
+             ORDER BY m.joined_at, m.channel_id LIMIT {p2}"
+        );
+        let rows = Row::find_by_statement(Statement::from_sql_and_values(
+            backend,
+            sql,
+            [user_id.into(), (limit as i64).into()],
+        ))
+        .all(&self.db)
+        .await?;
+        Ok(rows
+            .into_iter()
+            .map(|r| (r.channel_id, r.position))
+            .collect())
     }
 
     pub async fn channel(&self, id: Uuid) -> Result<Option<channel::Model>, DbErr> {
@@ -275,8 +318,21 @@ impl Store {
         })
     }
 
-    /// The caller's channels and every public channel, with unread counts.
-    pub async fn list_channels(&self, user_id: &str) -> Result<Vec<ChannelView>, DbErr> {
+    /// One page of the caller's channels and the public ones, with unread
+    /// counts, in id order (UUID v7: creation order) after the channel
+    /// `after` (exclusive), at most `limit`. `next` is the cursor of the
+    /// following page, `None` on the last one.
+    ///
+    /// Each side (public channels, the caller's memberships) is walked from
+    /// the cursor through its own index and cut at `limit`, so a page costs
+    /// O(limit) rows however many channels exist; the unread count of each
+    /// is answered from `idx_messages_unread` alone (see the migration).
+    pub async fn list_channels(
+        &self,
+        user_id: &str,
+        after: Option<Uuid>,
+        limit: u64,
+    ) -> Result<ChannelPage, DbErr> {
         #[derive(FromQueryResult)]
         struct Row {
             id: Uuid,
@@ -288,45 +344,92 @@ impl Store {
             unread_count: i64,
         }
         let backend = self.backend();
-        let (p1, p2) = match backend {
-            DatabaseBackend::Postgres => ("$1", "$2"),
-            _ => ("?", "?"),
+        let mut values: Vec<sea_orm::Value> = Vec::new();
+        let mut param = |v: sea_orm::Value| {
+            values.push(v);
+            match backend {
+                DatabaseBackend::Postgres => format!("${}", values.len()),
+                _ => "?".to_string(),
+            }
         };
+        // One row more than the page tells whether there is a next page.
+        let fetch = limit.saturating_add(1) as i64;
+        let after = after.unwrap_or(Uuid::nil());
+        let (pub_private, pub_after, pub_limit) = (
+            param(false.into()),
+            param(after.into()),
+            param(fetch.into()),
+        );
+        let (mine_user, mine_after, mine_limit) = (
+            param(user_id.into()),
+            param(after.into()),
+            param(fetch.into()),
+        );
+        let (member_user, page_limit) = (param(user_id.into()), param(fetch.into()));
         let sql = format!(
             "SELECT c.id, c.name, c.is_private, c.owner_id, c.created_at, \
                (m.user_id IS NOT NULL) AS is_member, \
                CASE WHEN m.user_id IS NULL THEN 0 ELSE \
                  (SELECT COUNT(*) FROM messages x WHERE x.channel_id = c.id AND x.seq > m.last_read_seq AND x.user_id <> m.user_id) \
                END AS unread_count \
-             FROM channels c \
-             LEFT JOIN channel_members m ON m.channel_id = c.id AND m.user_id = {p1} \
-             WHERE m.user_id IS NOT NULL OR c.is_private = {p2} \
-             ORDER BY c.created_at, c.id"
+             FROM ( \
+               SELECT id FROM (SELECT p.id FROM channels p \
+                 WHERE p.is_private = {pub_private} AND p.id > {pub_after} \
+                 ORDER BY p.id LIMIT {pub_limit}) public_page \
+               UNION \
+               SELECT id FROM (SELECT cm.channel_id AS id FROM channel_members cm \
+                 WHERE cm.user_id = {mine_user} AND cm.channel_id > {mine_after} \
+                 ORDER BY cm.channel_id LIMIT {mine_limit}) member_page \
+             ) k \
+             JOIN channels c ON c.id = k.id \
+             LEFT JOIN channel_members m ON m.channel_id = c.id AND m.user_id = {member_user} \
+             ORDER BY c.id \
+             LIMIT {page_limit}"
         );
-        let rows = Row::find_by_statement(Statement::from_sql_and_values(
-            backend,
-            sql,
-            [user_id.into(), false.into()],
-        ))
-        .all(&self.db)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| ChannelView {
-                id: r.id.to_string(),
-                name: r.name,
-                is_private: r.is_private,
-                owner_id: r.owner_id,
-                created_at: iso(r.created_at),
-                is_member: r.is_member,
-                unread_count: r.unread_count,
-            })
-            .collect())
+        let mut rows = Row::find_by_statement(Statement::from_sql_and_values(backend, sql, values))
+            .all(&self.db)
+            .await?;
+        let next = if rows.len() as u64 > limit {
+            rows.truncate(limit as usize);
+            rows.last().map(|r| r.id.to_string())
+        } else {
+            None
+        };
+        Ok(ChannelPage {
+            channels: rows
+                .into_iter()
+                .map(|r| ChannelView {
+                    id: r.id.to_string(),
+                    name: r.name,
+                    is_private: r.is_private,
+                    owner_id: r.owner_id,
+                    created_at: iso(r.created_at),
+                    is_member: r.is_member,
+                    unread_count: r.unread_count,
+                })
+                .collect(),
+            next,
+        })
     }
 
     // ---- messages ------------------------------------------------------------
 
-    /// Newest first, before `before` (a message id of the same channel).
+    /// The seq of message `id` if it belongs to `channel_id`: a history
+    /// anchor from another channel must not reveal that it exists, nor its
+    /// position.
+    pub async fn message_seq(&self, channel_id: Uuid, id: Uuid) -> Result<Option<i64>, DbErr> {
+        message::Entity::find_by_id(id)
+            .filter(message::Column::ChannelId.eq(channel_id))
+            .select_only()
+            .column(message::Column::Seq)
+            .into_tuple::<i64>()
+            .one(&self.db)
+            .await
+    }
+
+    /// Newest first, before `before` (a message id of the same channel;
+    /// another channel's id yields nothing: callers check it with
+    /// [`Store::message_seq`] first to answer a clear error).
     pub async fn history(
         &self,
         channel_id: Uuid,
@@ -335,18 +438,46 @@ impl Store {
     ) -> Result<Vec<HistoryMessage>, DbErr> {
         let mut q = message::Entity::find().filter(message::Column::ChannelId.eq(channel_id));
         if let Some(before) = before {
-            let Some(anchor) = message::Entity::find_by_id(before).one(&self.db).await? else {
+            let Some(seq) = self.message_seq(channel_id, before).await? else {
                 return Ok(Vec::new());
             };
-            q = q.filter(message::Column::Seq.lt(anchor.seq));
+            q = q.filter(message::Column::Seq.lt(seq));
         }
         let rows = q
             .order_by_desc(message::Column::Seq)
             .limit(limit)
             .all(&self.db)
             .await?;
+        self.hydrate(rows).await
+    }
+
+    /// Messages of a channel with `seq > after_seq`, oldest first, at most
+    /// `limit` (catch-up and gap repair, CONTRACT §9).
+    pub async fn messages_after(
+        &self,
+        channel_id: Uuid,
+        after_seq: i64,
+        limit: u64,
+    ) -> Result<Vec<HistoryMessage>, DbErr> {
+        let rows = message::Entity::find()
+            .filter(message::Column::ChannelId.eq(channel_id))
+            .filter(message::Column::Seq.gt(after_seq))
+            .order_by_asc(message::Column::Seq)
+            .limit(limit)
+            .all(&self.db)
+            .await?;
+        self.hydrate(rows).await
+    }
+
+    /// Adds authors and reactions to message rows, keeping their order.
+    async fn hydrate(&self, rows: Vec<message::Model>) -> Result<Vec<HistoryMessage>, DbErr> {
+        if rows.is_empty() {
+            return Ok(Vec::new());
+        }
         let ids: Vec<Uuid> = rows.iter().map(|m| m.id).collect();
-        let authors: Vec<String> = rows.iter().map(|m| m.user_id.clone()).collect();
+        let mut authors: Vec<String> = rows.iter().map(|m| m.user_id.clone()).collect();
+        authors.sort();
+        authors.dedup();
         let users: HashMap<String, user::Model> = user::Entity::find()
             .filter(user::Column::Id.is_in(authors))
             .all(&self.db)
@@ -368,12 +499,10 @@ impl Store {
         }
         Ok(rows
             .into_iter()
-            .map(|m| {
-                let author = users.get(&m.user_id);
-                HistoryMessage {
-                    reactions: reactions.remove(&m.id).unwrap_or_default(),
-                    message: message_view(&m, author),
-                }
+            .map(|m| HistoryMessage {
+                reactions: reactions.remove(&m.id).unwrap_or_default(),
+                message: message_view(&m, users.get(&m.user_id)),
+                temp_id: m.temp_id,
             })
             .collect())
     }
@@ -441,6 +570,39 @@ impl Store {
             .select_only()
             .column(message::Column::ChannelId)
             .into_tuple::<Uuid>()
+            .one(&self.db)
+            .await
+    }
+
+    /// The channel of each of `ids` that exists, in one query (a worker
+    /// checks every `replyToId` of a batch with it).
+    pub async fn message_channels(&self, ids: &[Uuid]) -> Result<HashMap<Uuid, Uuid>, DbErr> {
+        if ids.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let rows: Vec<(Uuid, Uuid)> = message::Entity::find()
+            .select_only()
+            .column(message::Column::Id)
+            .column(message::Column::ChannelId)
+            .filter(message::Column::Id.is_in(ids.to_vec()))
+            .into_tuple()
+            .all(&self.db)
+            .await?;
+        Ok(rows.into_iter().collect())
+    }
+
+    /// The stored reaction of `user_id` of this type on the message, if any
+    /// (a redelivered `reaction:add` re-announces the row it stored).
+    pub async fn reaction(
+        &self,
+        message_id: Uuid,
+        user_id: &str,
+        kind: &str,
+    ) -> Result<Option<reaction::Model>, DbErr> {
+        reaction::Entity::find()
+            .filter(reaction::Column::MessageId.eq(message_id))
+            .filter(reaction::Column::UserId.eq(user_id))
+            .filter(reaction::Column::Kind.eq(kind))
             .one(&self.db)
             .await
     }
@@ -526,6 +688,70 @@ impl Store {
     }
 }
 
+/// `s` without NUL characters, which PostgreSQL cannot store in text.
+fn strip_nul(s: &str) -> String {
+    s.replace('\0', "")
+}
+
+/// Whether a database error is about the data of the statement rather than
+/// about reaching the database: retrying the same statement can never
+/// succeed, so a worker isolates the entry that causes it at once instead of
+/// retrying its whole batch with backoff (a poison message must not stall
+/// every partition of its worker). Everything else (connection refused or
+/// lost, pool timeout, serialization failures, lock timeouts) is transient.
+pub fn is_permanent(e: &DbErr) -> bool {
+    use sea_orm::sqlx;
+    use sea_orm::RuntimeErr;
+    let (DbErr::Exec(RuntimeErr::SqlxError(e)) | DbErr::Query(RuntimeErr::SqlxError(e))) = e else {
+        return false;
+    };
+    let sqlx::Error::Database(db) = e.as_ref() else {
+        return false;
+    };
+    let Some(code) = db.code() else {
+        return false;
+    };
+    if db
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()
+        .is_some()
+    {
+        sqlstate_is_permanent(&code)
+    } else if db.try_downcast_ref::<sqlx::sqlite::SqliteError>().is_some() {
+        sqlite_code_is_permanent(&code)
+    } else {
+        false
+    }
+}
+
+/// PostgreSQL SQLSTATE classes 22 (data exception: invalid byte sequence
+/// such as a NUL, value too long, out of range…) and 23 (integrity
+/// constraint violation), except `23505` unique violation: the unique
+/// `(channel_id, seq)` index is the fence against a worker with stale
+/// sequence numbers, and a primary-key clash means another worker stored the
+/// same entry concurrently. Both resolve on retry (the worker reloads its
+/// sequence numbers and finds stored rows), so they are transient.
+pub fn sqlstate_is_permanent(code: &str) -> bool {
+    match code.get(..2) {
+        Some("22") => true,
+        Some("23") => code != "23505",
+        _ => false,
+    }
+}
+
+/// SQLite extended result codes: the `SQLITE_CONSTRAINT` family (19) except
+/// primary key / unique / rowid (the same races as above), and `TOOBIG`
+/// (18), `MISMATCH` (20), `RANGE` (25).
+pub fn sqlite_code_is_permanent(code: &str) -> bool {
+    let Ok(n) = code.parse::<i32>() else {
+        return false;
+    };
+    match n & 0xff {
+        19 => !matches!(n, 1555 | 2067 | 2579),
+        18 | 20 | 25 => true,
+        _ => false,
+    }
+}
+
 fn member_row(
     channel_id: Uuid,
     user_id: &str,
@@ -573,5 +799,107 @@ pub fn message_view(m: &message::Model, author: Option<&user::Model>) -> Message
                 .unwrap_or_else(|| m.user_id.clone()),
             image_url: author.and_then(|a| a.image_url.clone()),
         },
+    }
+}
+
+#[cfg(test)]
+mod classifier_tests {
+    use super::*;
+
+    #[test]
+    fn data_exceptions_and_constraint_violations_are_permanent_except_unique() {
+        for code in [
+            "22021", "22001", "22003", "22P02", "23502", "23503", "23514",
+        ] {
+            assert!(sqlstate_is_permanent(code), "{code}");
+        }
+        // unique violation (the seq fence), connection, shutdown,
+        // serialization, too many connections, lock timeout: transient.
+        for code in ["23505", "08006", "57P01", "40001", "53300", "55P03", ""] {
+            assert!(!sqlstate_is_permanent(code), "{code}");
+        }
+    }
+
+    #[test]
+    fn sqlite_constraint_family_is_permanent_except_unique() {
+        for code in ["787", "1299", "275", "19", "18", "20", "25"] {
+            assert!(sqlite_code_is_permanent(code), "{code}");
+        }
+        for code in ["2067", "1555", "2579", "5", "6", "10", "13", "x"] {
+            assert!(!sqlite_code_is_permanent(code), "{code}");
+        }
+    }
+
+    #[tokio::test]
+    async fn sqlite_errors_are_classified_from_the_driver() {
+        let store = Store::connect("sqlite::memory:", 1).await.expect("sqlite");
+        store.migrate().await.expect("migrate");
+        store
+            .db
+            .execute_unprepared("PRAGMA foreign_keys=ON")
+            .await
+            .expect("pragma");
+        // A reaction on a message that does not exist: foreign key (787).
+        let fk = store
+            .db
+            .execute_unprepared(
+                "INSERT INTO reactions (id, message_id, user_id, type, created_at) \
+                 VALUES ('a', 'nope', 'u', 't', '2024-01-01T00:00:00Z')",
+            )
+            .await
+            .expect_err("foreign key");
+        assert!(is_permanent(&fk), "{fk:?}");
+        store
+            .db
+            .execute_unprepared(
+                "INSERT INTO users (id, name, created_at, updated_at) \
+                 VALUES ('u', 'U', '2024-01-01T00:00:00Z', '2024-01-01T00:00:00Z')",
+            )
+            .await
+            .expect("user");
+        let dup = store
+            .db
+            .execute_unprepared(
+                "INSERT INTO users (id, name, created_at, updated_at) \
+                 VALUES ('u', 'U', '2024-01-01T00:00:00Z', '2024-01-01T00:00:00Z')",
+            )
+            .await
+            .expect_err("primary key");
+        assert!(!is_permanent(&dup), "a unique violation is a race: {dup:?}");
+    }
+
+    #[tokio::test]
+    async fn postgres_refuses_nul_permanently_and_an_outage_is_transient() {
+        let url = std::env::var("TEST_PG_ADMIN_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let store = Store::connect(&url, 1).await.expect("postgres");
+        let nul = store
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                "SELECT $1::text AS t",
+                ["a\0b".into()],
+            ))
+            .await
+            .expect_err("PostgreSQL refuses NUL in text");
+        assert!(is_permanent(&nul), "{nul:?}");
+        let ok = store
+            .db
+            .query_one_raw(Statement::from_string(
+                DatabaseBackend::Postgres,
+                "SELECT 1 AS one",
+            ))
+            .await;
+        assert!(ok.is_ok());
+        let refused = Store::connect("postgres://postgres@127.0.0.1:1/none", 1)
+            .await
+            .err()
+            .expect("nothing listens on port 1");
+        assert!(!is_permanent(&refused), "{refused:?}");
+    }
+
+    #[test]
+    fn nul_is_stripped_from_display_claims() {
+        assert_eq!(strip_nul("a\0b\0"), "ab");
     }
 }
