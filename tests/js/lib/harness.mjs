@@ -135,8 +135,24 @@ class TestAuth {
     this.server = null;
     this.jwksUrl = null;
     this.fetchCount = 0;
+    this.jwksMode = 'ok';
+    this._hung = new Set();
     this._foreign = null;
     this._starting = null;
+  }
+
+  /**
+   * How the JWKS endpoint answers from now on: 'ok' (the key set), 'fail'
+   * (HTTP 500 at once) or 'hang' (never answers). Leaving 'hang' closes the
+   * requests held so far. Requests are counted in `fetchCount` in every mode.
+   */
+  setJwksMode(mode) {
+    if (!['ok', 'fail', 'hang'].includes(mode)) throw new Error(`unknown JWKS mode ${mode}`);
+    this.jwksMode = mode;
+    if (mode !== 'hang') {
+      for (const res of this._hung) res.destroy();
+      this._hung.clear();
+    }
   }
 
   /** Creates the first key and starts the JWKS server (idempotent). */
@@ -150,6 +166,16 @@ class TestAuth {
         this.server = http.createServer((req, res) => {
           if (req.method === 'GET' && req.url.split('?')[0] === '/.well-known/jwks.json') {
             this.fetchCount++;
+            if (this.jwksMode === 'hang') {
+              this._hung.add(res);
+              res.on('close', () => this._hung.delete(res));
+              return;
+            }
+            if (this.jwksMode === 'fail') {
+              res.writeHead(500, { 'content-type': 'application/json' });
+              res.end('{"error":"identity provider down"}');
+              return;
+            }
             const body = JSON.stringify(this.jwks());
             res.writeHead(200, { 'content-type': 'application/json', 'content-length': Buffer.byteLength(body) });
             res.end(body);
@@ -668,6 +694,8 @@ export function closeAllSockets() {
  *   way             'namespace' (default): io(url + '/api/socket.io')
  *                   'path': io(url, {path: '/api/socket.io'})
  *   transports      e.g. ['websocket'] or ['polling']
+ *   extraHeaders    HTTP headers of the handshake requests (both transports;
+ *                   e.g. {'x-forwarded-for': '203.0.113.7'})
  */
 export function createSocket(url, options = {}) {
   const { userId, way = 'namespace', transports = ['polling', 'websocket'], bearer = true, tokenOptions } = options;
@@ -680,6 +708,7 @@ export function createSocket(url, options = {}) {
   }
   const common = { transports, reconnection: false, forceNew: true, autoConnect: false, timeout: 10_000 };
   if (handshakeAuth !== undefined) common.auth = handshakeAuth;
+  if (options.extraHeaders) common.extraHeaders = options.extraHeaders;
   let socket;
   if (way === 'namespace') socket = io(url + SIO_PATH, common);
   else if (way === 'path') socket = io(url, { ...common, path: SIO_PATH });
