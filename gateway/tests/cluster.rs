@@ -62,6 +62,19 @@ async fn both_url_readings_share_rooms_across_nodes() {
         .expect("created on the other node");
     assert_eq!(created["message"]["content"], "hi");
     assert_eq!(created["message"]["id"], ack["messageId"]);
+    assert_eq!(ok["positions"], json!({ch.clone(): 0}), "no message yet");
+    // A later connection learns where the channel stands (CONTRACT §9).
+    let mut again = Client::connect(
+        &Target::seed_namespace(&cluster.urls[0]),
+        cluster.minter.auth("bob").expect("auth"),
+    )
+    .await
+    .expect("connect");
+    let ok = again
+        .wait_for("connection:success", |_| true, T)
+        .await
+        .expect("success");
+    assert_eq!(ok["positions"], json!({ch: created["message"]["seq"]}));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -80,6 +80,9 @@ impl DeliveryStatus {
 pub struct ConnectionSuccess {
     pub user_id: String,
     pub channels: Vec<String>,
+    /// Per listed channel, the seq of its latest message (0 if none) at
+    /// the handshake (CONTRACT §9): where a client's catch-up starts.
+    pub positions: std::collections::BTreeMap<String, i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

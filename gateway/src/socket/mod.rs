@@ -69,7 +69,7 @@ pub fn envelope(app: &App, s: &SocketRef, command: Command) -> CommandEnvelope {
 /// What the middleware decided, for the connect handler.
 #[derive(Clone)]
 enum Handshake {
-    Accepted(Arc<Session>, Vec<String>),
+    Accepted(Arc<ConnectionSuccess>),
     Refused {
         attempt: u64,
         reason: &'static str,
@@ -219,10 +219,12 @@ async fn handshake(
     rooms.push(user_room(&session.user.id));
     s.join(rooms);
     open_inbox(app, s, handle, session.clone());
-    Ok(Handshake::Accepted(
-        session,
-        ids.iter().map(Uuid::to_string).collect(),
-    ))
+    let success = ConnectionSuccess {
+        user_id: session.user.id.clone(),
+        channels: ids.iter().map(Uuid::to_string).collect(),
+        positions: channels.iter().map(|(c, p)| (c.to_string(), *p)).collect(),
+    };
+    Ok(Handshake::Accepted(Arc::new(success)))
 }
 
 /// Creates the socket's inbox and its task, and routes client events to it.
@@ -303,14 +305,8 @@ pub fn refuse<T: serde::Serialize>(
 
 async fn on_connect(app: App, s: SocketRef) {
     match s.extensions.get::<Handshake>() {
-        Some(Handshake::Accepted(session, channels)) => {
-            let sent = s.emit(
-                events::CONNECTION_SUCCESS,
-                &ConnectionSuccess {
-                    user_id: session.user.id.clone(),
-                    channels,
-                },
-            );
+        Some(Handshake::Accepted(success)) => {
+            let sent = s.emit(events::CONNECTION_SUCCESS, &*success);
             // A client that left during the handshake: disconnecting runs
             // the disconnect handler, which gives its resources back.
             if sent.is_err() || app.is_draining() {
