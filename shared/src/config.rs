@@ -314,6 +314,11 @@ impl Settings {
             self.lease_ttl_ms >= 300,
             "LEASE_TTL_MS must be at least 300"
         );
+        // A shorter JWKS lifetime would refresh the key set continuously.
+        anyhow::ensure!(
+            self.auth_jwks_cache_ms >= 1000,
+            "AUTH_JWKS_CACHE_MS must be at least 1000"
+        );
         anyhow::ensure!(
             self.max_delivery_attempts > 0,
             "MAX_DELIVERY_ATTEMPTS must be at least 1"
