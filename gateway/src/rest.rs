@@ -300,10 +300,14 @@ async fn add_member(
 struct HistoryQuery {
     before: Option<String>,
     limit: Option<String>,
+    #[serde(rename = "afterSeq")]
+    after_seq: Option<String>,
 }
 
 /// Largest history page.
 const MAX_HISTORY_LIMIT: u64 = 100;
+/// Largest catch-up page (`afterSeq`, CONTRACT §6).
+const MAX_CATCH_UP_LIMIT: u64 = 1000;
 
 async fn history(
     State(app): State<App>,
@@ -312,14 +316,38 @@ async fn history(
     Query(q): Query<HistoryQuery>,
 ) -> Result<Response, ApiError> {
     let channel_id = parse_channel_id(&id)?;
-    let limit = match q.limit.as_deref() {
-        None | Some("") => app.settings.history_default_limit,
-        Some(l) => match l.parse::<u64>() {
-            Ok(n) if (1..=MAX_HISTORY_LIMIT).contains(&n) => n,
+    // `afterSeq`: catch-up, oldest first; else history, newest first.
+    let after_seq = match q.after_seq.as_deref() {
+        None | Some("") => None,
+        Some(a) => match a.parse::<i64>() {
+            Ok(n) if n >= 0 => Some(n),
             _ => {
                 return Err(ApiError::new(
                     StatusCode::BAD_REQUEST,
-                    format!("limit must be an integer from 1 to {MAX_HISTORY_LIMIT}"),
+                    "afterSeq must be a non-negative integer",
+                ))
+            }
+        },
+    };
+    if after_seq.is_some() && q.before.as_deref().is_some_and(|b| !b.is_empty()) {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "before and afterSeq cannot be combined",
+        ));
+    }
+    let max_limit = if after_seq.is_some() {
+        MAX_CATCH_UP_LIMIT
+    } else {
+        MAX_HISTORY_LIMIT
+    };
+    let limit = match q.limit.as_deref() {
+        None | Some("") => app.settings.history_default_limit.min(max_limit),
+        Some(l) => match l.parse::<u64>() {
+            Ok(n) if (1..=max_limit).contains(&n) => n,
+            _ => {
+                return Err(ApiError::new(
+                    StatusCode::BAD_REQUEST,
+                    format!("limit must be an integer from 1 to {max_limit}"),
                 ))
             }
         },
@@ -368,10 +396,10 @@ async fn history(
             ));
         }
     }
-    let page = app
-        .store
-        .history(channel_id, before, limit)
-        .await
-        .map_err(ApiError::internal)?;
+    let page = match after_seq {
+        Some(after) => app.store.messages_after(channel_id, after, limit).await,
+        None => app.store.history(channel_id, before, limit).await,
+    }
+    .map_err(ApiError::internal)?;
     Ok(Json(page).into_response())
 }

@@ -129,6 +129,38 @@ async fn five_hundred_messages_reach_every_node_in_one_order() {
         contents, expected_contents,
         "history order is delivery order"
     );
+
+    // Catch-up (CONTRACT §6): afterSeq, oldest first, bounded.
+    let path = format!("/api/channels/{ch}/messages");
+    let (s, page) = cluster
+        .api(
+            1,
+            "r0",
+            "GET",
+            &format!("{path}?afterSeq=490&limit=5"),
+            None,
+        )
+        .await;
+    assert_eq!(s, 200, "{page}");
+    let seqs: Vec<i64> = page
+        .as_array()
+        .map(|a| a.iter().filter_map(|m| m["seq"].as_i64()).collect())
+        .unwrap_or_default();
+    assert_eq!(seqs, vec![491, 492, 493, 494, 495]);
+    let (s, page) = cluster
+        .api(1, "r0", "GET", &format!("{path}?afterSeq=500"), None)
+        .await;
+    assert_eq!((s, page), (200, json!([])), "nothing after the latest");
+    for bad in ["-1", "x", "1.5"] {
+        let (s, body) = cluster
+            .api(1, "r0", "GET", &format!("{path}?afterSeq={bad}"), None)
+            .await;
+        assert_eq!(s, 400, "afterSeq={bad}: {body}");
+    }
+    let (s, _) = cluster
+        .api(1, "outsider", "GET", &format!("{path}?afterSeq=0"), None)
+        .await;
+    assert_eq!(s, 403, "members only");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
