@@ -11,6 +11,9 @@
 //!   sockets here enter the room (in a task of its own: the dispatcher never
 //!   waits on Redis).
 //!
+//! It also completes the catch-up of recovering sockets
+//! ([`crate::recovery`]), in order with the live events.
+//!
 //! After a pub/sub gap (reconnect + re-subscribe, or this task falling
 //! behind) whatever was published meanwhile is gone: every tracked channel
 //! is compared with the database and repaired, and waiting writes whose rows
@@ -21,23 +24,27 @@ use switchboard_shared::protocol::{self, ChannelEvent, MembershipChange, Message
 use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
-use crate::state::{channel_room, App, NAMESPACES};
+use crate::state::{channel_room, App, RoomEntry, NAMESPACES};
 use crate::subscriptions::Step;
 
 /// Subscribes the node's own topics and starts the dispatcher.
 pub async fn start(app: App) -> BusResult<tokio::task::JoinHandle<()>> {
     let rx = app.bus.incoming();
     let gaps = app.bus.pubsub_gaps();
+    let entries = app.take_room_entries().ok_or_else(|| {
+        switchboard_shared::bus::BusError::Protocol("the dispatcher runs once".into())
+    })?;
     app.bus
         .subscribe(vec![app.topics.node(&app.node_id), app.topics.membership()])
         .await?;
-    Ok(tokio::spawn(dispatch(app, rx, gaps)))
+    Ok(tokio::spawn(dispatch(app, rx, gaps, entries)))
 }
 
 async fn dispatch(
     app: App,
     mut rx: tokio::sync::broadcast::Receiver<TopicMessage>,
     mut gaps: tokio::sync::watch::Receiver<u64>,
+    mut entries: tokio::sync::mpsc::UnboundedReceiver<RoomEntry>,
 ) {
     let channel_prefix = format!("{}:ch:", app.topics.prefix());
     let node_topic = app.topics.node(&app.node_id);
@@ -53,6 +60,10 @@ async fn dispatch(
                     break;
                 }
                 repair_after_gap(&app).await;
+                continue;
+            }
+            Some(entry) = entries.recv() => {
+                crate::recovery::complete_entry(&app, entry).await;
                 continue;
             }
         };

@@ -7,6 +7,7 @@ mod demo;
 mod embedded;
 mod fanout;
 mod pending;
+mod recovery;
 mod rest;
 mod server;
 mod socket;

@@ -3,10 +3,13 @@
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use socketioxide::extract::SocketRef;
 use socketioxide::SocketIo;
 use switchboard_shared::bus::{Bus, Topics};
 use switchboard_shared::config::Settings;
 use switchboard_shared::store::Store;
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
 
 use crate::auth::Verifier;
 use crate::client_addr::TrustedProxies;
@@ -32,6 +35,9 @@ pub struct AppState {
     pub proxies: TrustedProxies,
     /// Which users' rows already hold their claims (skips upserts).
     pub users: Users,
+    /// Hands recovering sockets to the dispatcher (see [`RoomEntry`]).
+    pub room_entries: mpsc::UnboundedSender<RoomEntry>,
+    room_entries_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<RoomEntry>>>,
     draining: AtomicBool,
     /// Authenticated sockets per namespace of [`NAMESPACES`], so fan-out
     /// skips a namespace nobody uses instead of serialising for it.
@@ -52,7 +58,10 @@ impl AppState {
         let topics = Topics::new(&settings.redis_prefix);
         // Validated when the settings were read, so this cannot fail here.
         let proxies = TrustedProxies::new(settings.trusted_proxies().unwrap_or_default());
+        let (room_entries, rx) = mpsc::unbounded_channel();
         Self {
+            room_entries,
+            room_entries_rx: std::sync::Mutex::new(Some(rx)),
             proxies,
             users: Users::default(),
             subscriptions: Subscriptions::new(bus.clone(), topics.clone()),
@@ -67,6 +76,14 @@ impl AppState {
             draining: AtomicBool::new(false),
             ns_sockets: [AtomicUsize::new(0), AtomicUsize::new(0)],
         }
+    }
+
+    /// The receiving end of [`AppState::room_entries`], once (the dispatcher's).
+    pub fn take_room_entries(&self) -> Option<mpsc::UnboundedReceiver<RoomEntry>> {
+        self.room_entries_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 
     pub fn is_draining(&self) -> bool {
@@ -115,4 +132,17 @@ pub fn local_sockets_of(app: &App, user_id: &str) -> Vec<socketioxide::extract::
         .filter_map(|ns| app.io.of(*ns))
         .flat_map(|op| op.to(room.clone()).sockets())
         .collect()
+}
+
+/// A socket that was sent a channel's messages up to `replayed_to` from the
+/// database (`None`: no replay) and now enters the channel's room. The dispatcher does it, in
+/// order with the live events: it first sends what it emitted to the room
+/// after `replayed_to`, then joins the socket, so the seam between replayed
+/// and live messages has no hole and no duplicate. `done` gets the seq the
+/// socket now holds.
+pub struct RoomEntry {
+    pub socket: SocketRef,
+    pub channel: Uuid,
+    pub replayed_to: Option<i64>,
+    pub done: oneshot::Sender<i64>,
 }

@@ -27,6 +27,8 @@ pub mod events {
     pub const CHANNEL_USER_JOINED: &str = "channel:user_joined";
     pub const CHANNEL_ERROR: &str = "channel:error";
     pub const SERVER_SHUTDOWN: &str = "server:shutdown";
+    pub const CHANNEL_SYNC: &str = "channel:sync";
+    pub const CHANNEL_RECOVERED: &str = "channel:recovered";
 }
 
 /// Error strings a client may match on.
@@ -204,6 +206,23 @@ pub struct UserJoined {
     pub user_id: String,
     pub channel_id: String,
     pub timestamp: String,
+}
+
+/// `channel:recovered` (CONTRACT §9): the end of a catch-up. With
+/// `recovered: true`, every message `from_seq..=to_seq` was sent; with
+/// `false`, more than `RECOVERY_MAX_MESSAGES` were missed, nothing was
+/// replayed and `last_seq` says where the channel stands.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ChannelRecovered {
+    pub channel_id: String,
+    pub recovered: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub from_seq: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_seq: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_seq: Option<i64>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]

@@ -20,6 +20,7 @@ pub mod membership;
 pub mod messages;
 pub mod reactions;
 pub mod session;
+pub mod sync;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Weak};
@@ -31,7 +32,8 @@ use socketioxide::extract::{SocketRef, TryData};
 use socketioxide::handler::{ConnectHandler, FromConnectParts};
 use socketioxide::socket::Socket;
 use switchboard_shared::protocol::{
-    errors, events, Command, CommandEnvelope, ConnectionError, ConnectionSuccess, Origin,
+    errors, events, ChannelError, ChannelRecovered, Command, CommandEnvelope, ConnectionError,
+    ConnectionSuccess, Origin,
 };
 use tokio::sync::mpsc;
 use uuid::Uuid;
@@ -43,12 +45,13 @@ pub use session::Session;
 use session::SessionGuard;
 
 /// Events a client may send; anything else is ignored.
-const CLIENT_EVENTS: [&str; 5] = [
+const CLIENT_EVENTS: [&str; 6] = [
     events::MESSAGE_SEND,
     events::MESSAGE_READ,
     events::REACTION_ADD,
     events::REACTION_REMOVE,
     events::CHANNEL_JOIN,
+    events::CHANNEL_SYNC,
 ];
 
 /// The stream entry of a command from socket `s`: where its answer goes,
@@ -69,7 +72,11 @@ pub fn envelope(app: &App, s: &SocketRef, command: Command) -> CommandEnvelope {
 /// What the middleware decided, for the connect handler.
 #[derive(Clone)]
 enum Handshake {
-    Accepted(Arc<ConnectionSuccess>),
+    Accepted {
+        success: Arc<ConnectionSuccess>,
+        /// Channels to replay after `connection:success`, from these seqs.
+        since: Arc<Vec<(Uuid, i64)>>,
+    },
     Refused {
         attempt: u64,
         reason: &'static str,
@@ -215,7 +222,14 @@ async fn handshake(
         app: app.clone(),
         session: session.clone(),
     }));
-    let mut rooms: Vec<String> = ids.iter().map(channel_room).collect();
+    // Channels to catch up on (`auth.since`) enter their rooms only after
+    // their replay (see `recovery`); the others at once.
+    let since = crate::recovery::parse_since(auth.as_ref(), &ids);
+    let mut rooms: Vec<String> = ids
+        .iter()
+        .filter(|c| !since.iter().any(|(r, _)| r == *c))
+        .map(channel_room)
+        .collect();
     rooms.push(user_room(&session.user.id));
     s.join(rooms);
     open_inbox(app, s, handle, session.clone());
@@ -224,7 +238,10 @@ async fn handshake(
         channels: ids.iter().map(Uuid::to_string).collect(),
         positions: channels.iter().map(|(c, p)| (c.to_string(), *p)).collect(),
     };
-    Ok(Handshake::Accepted(Arc::new(success)))
+    Ok(Handshake::Accepted {
+        success: Arc::new(success),
+        since: Arc::new(since),
+    })
 }
 
 /// Creates the socket's inbox and its task, and routes client events to it.
@@ -282,6 +299,7 @@ async fn run_inbox(
 async fn handle_event(app: &App, s: &SocketRef, session: &Session, inbound: Inbound) {
     match inbound.event.as_str() {
         events::CHANNEL_JOIN => membership::join(app, s, session, inbound).await,
+        events::CHANNEL_SYNC => sync::sync(app, s, session, inbound).await,
         events::MESSAGE_READ => reactions::read(app, s, session, inbound).await,
         events::REACTION_ADD => reactions::react(app, s, session, inbound, true).await,
         events::REACTION_REMOVE => reactions::react(app, s, session, inbound, false).await,
@@ -303,14 +321,45 @@ pub fn refuse<T: serde::Serialize>(
     let _ = ack.send(&serde_json::json!({"ok": false, "error": error}));
 }
 
+/// Catches `s` up on `channel` after `after` and tells it how that went
+/// (`channel:recovered`, or `channel:error` when the database failed).
+pub async fn recover(
+    app: &App,
+    s: &SocketRef,
+    channel: Uuid,
+    after: i64,
+) -> Result<ChannelRecovered, String> {
+    let result = crate::recovery::catch_up(app, s, channel, after).await;
+    match &result {
+        Ok(recovered) => {
+            let _ = s.emit(events::CHANNEL_RECOVERED, recovered);
+        }
+        Err(error) => {
+            let _ = s.emit(
+                events::CHANNEL_ERROR,
+                &ChannelError {
+                    channel_id: Some(channel.to_string()),
+                    error: error.clone(),
+                },
+            );
+        }
+    }
+    result
+}
+
 async fn on_connect(app: App, s: SocketRef) {
     match s.extensions.get::<Handshake>() {
-        Some(Handshake::Accepted(success)) => {
+        Some(Handshake::Accepted { success, since }) => {
             let sent = s.emit(events::CONNECTION_SUCCESS, &*success);
             // A client that left during the handshake: disconnecting runs
             // the disconnect handler, which gives its resources back.
             if sent.is_err() || app.is_draining() {
                 let _ = s.disconnect();
+                return;
+            }
+            for (channel, after) in since.iter() {
+                // The outcome went to the client as an event.
+                let _ = recover(&app, &s, *channel, *after).await;
             }
         }
         Some(Handshake::Refused {

@@ -1,0 +1,188 @@
+//! Catch-up after a reconnect (`auth.since`) and on demand
+//! (`channel:sync`): CONTRACT §9.
+//!
+//! A recovering socket is kept out of the channel's room while the missed
+//! messages are read from the database and sent to it; then the dispatcher
+//! (the only task that emits into rooms) sends it whatever it emitted to the
+//! room meanwhile and joins it to the room, in one step ordered with the
+//! live events (see [`RoomEntry`]). So the seam has no hole and no
+//! duplicate, and the dispatcher's work per recovering socket is usually
+//! just the join: the database read happens outside it.
+
+use serde::Serialize;
+use socketioxide::extract::SocketRef;
+use switchboard_shared::protocol::{events, ChannelRecovered};
+use switchboard_shared::store::HistoryMessage;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use crate::state::{channel_room, App, RoomEntry};
+
+/// A replayed `message:created`: the message as the history API shows it
+/// (with its current reactions), flagged `recovered`.
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct Replayed<'a> {
+    message: &'a HistoryMessage,
+    temp_id: Option<&'a str>,
+    processed: bool,
+    recovered: bool,
+}
+
+/// Sends one stored message to one socket, in the replay shape.
+pub fn emit_replayed(s: &SocketRef, m: &HistoryMessage) {
+    let _ = s.emit(
+        events::MESSAGE_CREATED,
+        &Replayed {
+            message: m,
+            temp_id: m.temp_id.as_deref(),
+            processed: true,
+            recovered: true,
+        },
+    );
+}
+
+/// Sends socket `s` the messages of `channel` after `after` and puts it in
+/// the channel's room (the caller made sure it is not in it). Answers with
+/// what `channel:recovered` says. A database failure still joins the room
+/// (live events flow) and is reported as an error.
+pub async fn catch_up(
+    app: &App,
+    s: &SocketRef,
+    channel: Uuid,
+    after: i64,
+) -> Result<ChannelRecovered, String> {
+    let max = app.settings.recovery_max_messages;
+    let missed = match app.store.messages_after(channel, after, max + 1).await {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::warn!(%channel, error = %e, "catch-up read failed");
+            enter_room(app, s, channel, None).await;
+            return Err("Service temporarily unavailable".into());
+        }
+    };
+    if missed.len() as u64 > max {
+        metrics::counter!("gateway_recoveries_total", "result" => "too_many").increment(1);
+        let held = enter_room(app, s, channel, None).await;
+        let latest = match app.store.max_seqs(&[channel]).await {
+            Ok(l) => l.get(&channel).copied().unwrap_or(0).max(held),
+            Err(_) => held,
+        };
+        return Ok(ChannelRecovered {
+            channel_id: channel.to_string(),
+            recovered: false,
+            from_seq: None,
+            to_seq: None,
+            last_seq: Some(latest),
+        });
+    }
+    let mut replayed_to = after;
+    for m in &missed {
+        emit_replayed(s, m);
+        replayed_to = m.message.seq;
+    }
+    let to_seq = enter_room(app, s, channel, Some(replayed_to)).await;
+    metrics::counter!("gateway_recoveries_total", "result" => "recovered").increment(1);
+    metrics::counter!("gateway_recovered_messages_total")
+        .increment((missed.len() as i64 + (to_seq - replayed_to).max(0)) as u64);
+    Ok(ChannelRecovered {
+        channel_id: channel.to_string(),
+        recovered: true,
+        from_seq: Some(after + 1),
+        to_seq: Some(to_seq.max(after)),
+        last_seq: None,
+    })
+}
+
+/// Hands the socket to the dispatcher, which completes the replay from
+/// `replayed_to` (none: no replay, just join) and joins it to the room.
+/// Returns the seq the socket now holds.
+async fn enter_room(app: &App, s: &SocketRef, channel: Uuid, replayed_to: Option<i64>) -> i64 {
+    let (done, answer) = oneshot::channel();
+    let entry = RoomEntry {
+        socket: s.clone(),
+        channel,
+        replayed_to,
+        done,
+    };
+    if app.room_entries.send(entry).is_err() {
+        // No dispatcher (shutting down): join directly.
+        s.join(channel_room(&channel));
+        return replayed_to.unwrap_or(0);
+    }
+    answer.await.unwrap_or(replayed_to.unwrap_or(0))
+}
+
+/// The dispatcher's half of [`enter_room`]: runs in the dispatcher task,
+/// between two live events.
+pub async fn complete_entry(app: &App, entry: RoomEntry) {
+    let RoomEntry {
+        socket,
+        channel,
+        replayed_to,
+        done,
+    } = entry;
+    let cursor = app.subscriptions.cursor(&channel);
+    let mut held = replayed_to.or(cursor).unwrap_or(0);
+    if let (Some(from), Some(cursor)) = (replayed_to, cursor) {
+        if cursor > from {
+            // Emitted to the room while the socket read the database.
+            match app
+                .store
+                .messages_after(channel, from, (cursor - from) as u64)
+                .await
+            {
+                Ok(messages) => {
+                    for m in messages.iter().filter(|m| m.message.seq <= cursor) {
+                        emit_replayed(&socket, m);
+                        held = m.message.seq;
+                    }
+                }
+                Err(e) => tracing::warn!(%channel, error = %e, "catch-up seam read failed"),
+            }
+        }
+    }
+    socket.join(channel_room(&channel));
+    let _ = done.send(held);
+}
+
+/// The channels of `auth.since` (`{channelId: seq}`) that are among the
+/// user's `channels`, with their seq. Anything else — not an object, a key
+/// that is not a channel of the user, a seq that is not a non-negative
+/// integer — is ignored (CONTRACT §9): the channel is then joined live only.
+pub fn parse_since(auth: Option<&serde_json::Value>, channels: &[Uuid]) -> Vec<(Uuid, i64)> {
+    let Some(serde_json::Value::Object(since)) = auth.and_then(|a| a.get("since")) else {
+        return Vec::new();
+    };
+    since
+        .iter()
+        .filter_map(|(k, v)| {
+            let channel = Uuid::parse_str(k).ok()?;
+            let seq = v.as_i64().filter(|s| *s >= 0)?;
+            channels.contains(&channel).then_some((channel, seq))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn since_keeps_only_valid_entries_of_member_channels() {
+        let (a, b, c) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
+        let auth = json!({"since": {
+            a.to_string(): 5, b.to_string(): -1, c.to_string(): 3,
+            "not-a-uuid": 1, Uuid::now_v7().to_string(): 2
+        }});
+        let mut got = parse_since(Some(&auth), &[a, b]);
+        got.sort();
+        assert_eq!(got, vec![(a, 5)]);
+        for bad in [json!({"since": [1, 2]}), json!({"since": "x"}), json!({})] {
+            assert!(parse_since(Some(&bad), &[a]).is_empty());
+        }
+        let float = json!({"since": {a.to_string(): 1.5}});
+        assert!(parse_since(Some(&float), &[a]).is_empty());
+    }
+}
