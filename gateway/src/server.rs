@@ -183,9 +183,9 @@ async fn drain(app: &App) {
             "drain timeout: some writes are still unanswered (they are queued and will be persisted)"
         );
     }
-    for ns in NAMESPACES {
-        if let Some(op) = app.io.of(ns) {
-            let _ = op.disconnect().await;
-        }
-    }
+    // Close the transports rather than disconnect the namespaces: a stock
+    // socket.io-client reconnects by itself after a transport close (to
+    // another node, behind the load balancer), but not after a server-side
+    // namespace disconnect.
+    app.io.close().await;
 }

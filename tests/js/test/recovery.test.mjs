@@ -1,0 +1,96 @@
+// Gap-free delivery with the stock socket.io-client (CONTRACT §9, issue 10):
+// clients behind a load balancer keep `since` up to date (the reference
+// helper in lib/recovering-client.mjs) and, after their gateway is killed
+// with SIGKILL or drained with SIGTERM under load, hold every persisted
+// message of their channel exactly once, in seq order.
+
+import assert from 'node:assert/strict';
+import net from 'node:net';
+import { test } from 'node:test';
+import { io } from 'socket.io-client';
+import {
+  auth, connectUser, createChannel, addMember, fullHistory, needsCluster, sleep, uid, useCluster, waitUntil, SIO_PATH,
+} from '../lib/harness.mjs';
+import { recoveringClient } from '../lib/recovering-client.mjs';
+
+const sb = useCluster({ gateways: 2, workers: 2 });
+
+/** A TCP load balancer over the cluster's gateways: round robin, skipping dead ones. */
+function balancer(getPorts) {
+  let next = 0;
+  const server = net.createServer((client) => {
+    const ports = getPorts();
+    const tryPort = (left) => {
+      if (left === 0) return client.destroy();
+      const port = ports[next++ % ports.length];
+      const upstream = net.connect(port, '127.0.0.1');
+      upstream.once('connect', () => {
+        client.pipe(upstream).pipe(client);
+      });
+      upstream.once('error', () => {
+        if (!upstream.connecting && upstream.bytesRead > 0) return client.destroy();
+        tryPort(left - 1);
+      });
+      client.once('error', () => upstream.destroy());
+      client.once('close', () => upstream.destroy());
+      upstream.once('close', () => client.destroy());
+    };
+    tryPort(ports.length);
+  });
+  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve(server)));
+}
+
+async function survivesGatewayLoss(t, signal) {
+  if (needsCluster(t)) return;
+  const cluster = await sb.ready;
+  if (!cluster.gateways[0] || !cluster.gateways[0].alive) await cluster.startGateway(0);
+  const ports = () => cluster.gateways.filter((g) => g && g.alive).map((g) => g.port);
+  const lb = await balancer(ports);
+  const lbUrl = `http://127.0.0.1:${lb.address().port}`;
+  try {
+    const sender = uid('sender');
+    const channel = await createChannel(cluster.url(1), sender);
+    const readers = Array.from({ length: 12 }, () => uid('reader'));
+    for (const r of readers) await addMember(cluster.url(1), sender, channel.id, r);
+
+    const clients = readers.map((userId) => recoveringClient(io, lbUrl, {
+      userId,
+      getToken: () => auth.token(userId),
+      ioOptions: { path: SIO_PATH, transports: ['websocket'], reconnectionDelay: 100, reconnectionDelayMax: 500, forceNew: true },
+    }));
+    await waitUntil(() => clients.every((c) => c.socket.connected), 10_000, () => 'readers connected');
+    // The sender talks to the gateway that survives.
+    const out = await connectUser(cluster.url(1), sender);
+    const total = 200;
+    const sending = (async () => {
+      for (let i = 0; i < total; i++) {
+        out.emit('message:send', { content: `m ${i}`, channelId: channel.id, tempId: `m-${i}` });
+        await sleep(10);
+      }
+    })();
+    await sleep(600);
+    await cluster.killGateway(0, signal);
+    await sending;
+
+    const stored = await waitUntil(async () => {
+      const h = await fullHistory(cluster.url(1), sender, channel.id);
+      return h.length === total ? h : null;
+    }, 20_000, () => 'all persisted');
+    const want = stored.map((m) => m.id);
+    await waitUntil(() => clients.every((c) => c.messages.length >= total), 20_000,
+      () => `readers hold ${clients.map((c) => c.messages.length).join(',')} of ${total}`);
+    for (const c of clients) {
+      assert.deepEqual(c.messages.map((m) => m.id), want, 'every message once, in seq order');
+      assert.deepEqual(c.messages.map((m) => m.seq), stored.map((m) => m.seq));
+    }
+    const reconnected = clients.filter((c) => c.recoveries.length > 0).length;
+    assert.ok(reconnected > 0, 'some readers were on the lost gateway and recovered');
+    for (const c of clients) c.socket.disconnect();
+  } finally {
+    lb.close();
+  }
+}
+
+test('readers of a gateway killed with SIGKILL under load hold every message once, in order', (t) => survivesGatewayLoss(t, 'SIGKILL'));
+
+test('readers of a gateway drained with SIGTERM under load hold every message once, in order', (t) => survivesGatewayLoss(t, 'SIGTERM'));
