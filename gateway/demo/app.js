@@ -144,6 +144,7 @@
     state.socket = null;
     state.me = null;
     state.selected = null;
+    state.since = {};
     for (const m of [state.channels, state.lists, state.byId, state.byTemp, state.names, state.readUpTo, state.readSent]) m.clear();
     $('app').hidden = true;
     $('login').hidden = false;
@@ -156,9 +157,12 @@
 
   function connect() {
     setConn('connecting', 'connecting…');
+    // `since`: the highest seq held per channel, sent on every (re)connect
+    // so the server replays what this page missed (CONTRACT §9).
+    state.since = state.since || {};
     const socket = io(location.origin, {
       path: '/api/socket.io',
-      auth: { token: `Bearer ${state.me.token}`, userId: state.me.userId },
+      auth: (cb) => cb({ token: `Bearer ${state.me.token}`, userId: state.me.userId, since: { ...state.since } }),
     });
     state.socket = socket;
 
@@ -173,7 +177,19 @@
     socket.on('connect_error', (err) => setConn('reconnecting', `connection failed: ${err.message}`));
     socket.io.on('reconnect_attempt', (n) => setConn('reconnecting', `reconnecting… (${n})`));
 
-    socket.on('connection:success', async () => {
+    socket.on('channel:recovered', (r) => {
+      if (!r.recovered) {
+        // Missed more than the server replays: reload through history.
+        if (r.channelId === state.selected) loadHistory(r.channelId);
+        return;
+      }
+      const n = r.toSeq - r.fromSeq + 1;
+      if (n > 0) toast(`recovered ${n} message${n === 1 ? '' : 's'}`, 'info');
+    });
+    socket.on('connection:success', async (d) => {
+      for (const [channelId, seq] of Object.entries((d && d.positions) || {})) {
+        if (!(channelId in state.since)) state.since[channelId] = seq;
+      }
       // Also after every reconnection: catch up on channels and missed messages.
       await loadChannels();
       if (state.selected && state.channels.get(state.selected)?.isMember) await loadHistory(state.selected);
@@ -563,6 +579,7 @@
   function onCreated(d) {
     const m = d && d.message;
     if (!m || !m.id) return;
+    if (typeof m.seq === 'number') state.since[m.channelId] = Math.max(state.since[m.channelId] || 0, m.seq);
     if (learnName(m.userId, m.user && m.user.name) && m.channelId === state.selected) {
       // Read receipts shown under the user's id so far get the name.
       for (const e of listOf(m.channelId)) if (readersOf(e).length) updateEntry(e);
