@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 use support::*;
-use switchboard_loadtest::client::Event;
+use switchboard_loadtest::client::{Emitter, Event};
 use switchboard_shared::protocol::errors;
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -157,47 +157,94 @@ fn stored_by_content(history: &[Value]) -> HashMap<String, String> {
         .collect()
 }
 
+/// A 2-gateway, 1-worker cluster on `redis` with `sender` on node 0 and
+/// `receiver` on node 1, both members of one channel.
+struct Scene {
+    cluster: Cluster,
+    channel: String,
+    sender: Emitter,
+    sender_rx: UnboundedReceiver<Event>,
+    /// Kept so the receiver's connection stays open.
+    _receiver: Emitter,
+    receiver_rx: UnboundedReceiver<Event>,
+}
+
+impl Scene {
+    async fn start(redis: &PrivateRedis, outcome_timeout_ms: u64, users: [&str; 2]) -> Scene {
+        let cluster = Cluster::start(ClusterOptions {
+            gateways: 2,
+            workers: 1,
+            redis_url: Some(redis.url()),
+            env: vec![("OUTCOME_TIMEOUT_MS".into(), outcome_timeout_ms.to_string())],
+            ..Default::default()
+        })
+        .await;
+        let channel = cluster.channel(users[0], &[users[1]]).await;
+        let (sender, sender_rx) = cluster.connect(0, users[0]).await.split();
+        let (receiver, receiver_rx) = cluster.connect(1, users[1]).await.split();
+        Scene {
+            cluster,
+            channel,
+            sender,
+            sender_rx,
+            _receiver: receiver,
+            receiver_rx,
+        }
+    }
+
+    /// Sends `prefix-<i>` messages every `pause` while `go(i, elapsed)`
+    /// says so (it may also inject a fault); returns the tempIds sent.
+    async fn send_while(
+        &mut self,
+        seen: &mut Seen,
+        prefix: &str,
+        pause: Duration,
+        mut go: impl FnMut(usize, Duration) -> bool,
+    ) -> Vec<String> {
+        let started = Instant::now();
+        let mut sent = Vec::new();
+        while go(sent.len(), started.elapsed()) {
+            let temp = format!("{prefix}-{}", sent.len());
+            self.sender
+                .emit(
+                    "message:send",
+                    &json!({"content": temp, "channelId": self.channel, "tempId": temp}),
+                )
+                .await
+                .expect("emit");
+            sent.push(temp);
+            while let Ok(e) = self.sender_rx.try_recv() {
+                seen.take(&e);
+            }
+            tokio::time::sleep(pause).await;
+        }
+        sent
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_send_around_an_empty_redis_restart_gets_one_outcome() {
     let mut redis = PrivateRedis::start();
-    let cluster = Cluster::start(ClusterOptions {
-        gateways: 2,
-        workers: 1,
-        redis_url: Some(redis.url()),
-        env: vec![("OUTCOME_TIMEOUT_MS".into(), "4000".into())],
-        ..Default::default()
-    })
-    .await;
-    let ch = cluster.channel("rita", &["ravi"]).await;
-    let (sender, mut sender_rx) = cluster.connect(0, "rita").await.split();
-    let (_receiver, mut receiver_rx) = cluster.connect(1, "ravi").await.split();
-
-    // A steady stream of sends; Redis restarts empty in the middle of it.
-    let mut expected = Vec::new();
+    let mut scene = Scene::start(&redis, 4000, ["rita", "ravi"]).await;
+    // A steady stream of sends for 3 s; Redis restarts empty after 0.8 s.
     let mut seen = Seen::default();
-    let started = Instant::now();
     let mut restarted = false;
-    let mut i = 0;
-    while started.elapsed() < Duration::from_millis(3000) {
-        let temp = format!("r-{i}");
-        sender
-            .emit(
-                "message:send",
-                &json!({"content": temp, "channelId": ch, "tempId": temp}),
-            )
-            .await
-            .expect("emit");
-        expected.push(temp);
-        i += 1;
-        if !restarted && started.elapsed() > Duration::from_millis(800) {
-            redis.restart();
-            restarted = true;
-        }
-        while let Ok(e) = sender_rx.try_recv() {
-            seen.take(&e);
-        }
-        tokio::time::sleep(Duration::from_millis(15)).await;
-    }
+    let expected = scene
+        .send_while(&mut seen, "r", Duration::from_millis(15), |_, elapsed| {
+            if !restarted && elapsed > Duration::from_millis(800) {
+                redis.restart();
+                restarted = true;
+            }
+            elapsed < Duration::from_millis(3000)
+        })
+        .await;
+    let Scene {
+        cluster,
+        channel: ch,
+        mut sender_rx,
+        mut receiver_rx,
+        ..
+    } = scene;
     settle(
         &mut sender_rx,
         &mut seen,
@@ -250,52 +297,37 @@ async fn every_send_around_an_empty_redis_restart_gets_one_outcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_pubsub_connection_loses_no_outcome_and_no_message() {
     let redis = PrivateRedis::start();
-    let cluster = Cluster::start(ClusterOptions {
-        gateways: 2,
-        workers: 1,
-        redis_url: Some(redis.url()),
-        env: vec![("OUTCOME_TIMEOUT_MS".into(), "5000".into())],
-        ..Default::default()
-    })
-    .await;
-    let ch = cluster.channel("kate", &["kurt"]).await;
-    let (sender, mut sender_rx) = cluster.connect(0, "kate").await.split();
-    let (_receiver, mut receiver_rx) = cluster.connect(1, "kurt").await.split();
-
+    let mut scene = Scene::start(&redis, 5000, ["kate", "kurt"]).await;
+    // Every gateway's pub/sub connection is cut, three times, while the
+    // worker publishes outcomes and messages.
     let n = 300;
-    let mut expected = Vec::new();
     let mut seen = Seen::default();
-    for i in 0..n {
-        let temp = format!("k-{i}");
-        sender
-            .emit(
-                "message:send",
-                &json!({"content": temp, "channelId": ch, "tempId": temp}),
-            )
-            .await
-            .expect("emit");
-        expected.push(temp);
-        // Every gateway's pub/sub connection is cut, three times, while the
-        // worker publishes outcomes and messages.
-        if i % 80 == 40 {
-            let out = std::process::Command::new("redis-cli")
-                .args([
-                    "-p",
-                    &redis.port.to_string(),
-                    "CLIENT",
-                    "KILL",
-                    "TYPE",
-                    "pubsub",
-                ])
-                .output()
-                .expect("redis-cli");
-            assert!(out.status.success());
-        }
-        while let Ok(e) = sender_rx.try_recv() {
-            seen.take(&e);
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let expected = scene
+        .send_while(&mut seen, "k", Duration::from_millis(5), |i, _| {
+            if i % 80 == 40 {
+                let out = std::process::Command::new("redis-cli")
+                    .args([
+                        "-p",
+                        &redis.port.to_string(),
+                        "CLIENT",
+                        "KILL",
+                        "TYPE",
+                        "pubsub",
+                    ])
+                    .output()
+                    .expect("redis-cli");
+                assert!(out.status.success());
+            }
+            i < n
+        })
+        .await;
+    let Scene {
+        cluster,
+        channel: ch,
+        mut sender_rx,
+        mut receiver_rx,
+        ..
+    } = scene;
     settle(
         &mut sender_rx,
         &mut seen,

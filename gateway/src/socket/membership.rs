@@ -45,7 +45,8 @@ pub async fn announce(app: &App, user_id: &str, channel_id: Uuid) {
     }
 }
 
-fn refuse(s: &SocketRef, inbound: Inbound, channel_id: Option<String>, error: &str) {
+/// Refuses a channel event: `channel:error` and `{ok: false}` to its ack.
+pub(super) fn refuse(s: &SocketRef, inbound: Inbound, channel_id: Option<String>, error: &str) {
     let payload = ChannelError {
         channel_id,
         error: error.to_string(),

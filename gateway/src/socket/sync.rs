@@ -5,20 +5,12 @@
 
 use serde_json::{json, Value};
 use socketioxide::extract::SocketRef;
-use switchboard_shared::protocol::{events, ChannelError};
 use uuid::Uuid;
 
 use super::inbox::Inbound;
+use super::membership::refuse;
 use super::Session;
 use crate::state::{channel_room, App};
-
-fn refuse(s: &SocketRef, inbound: Inbound, channel_id: Option<String>, error: &str) {
-    let payload = ChannelError {
-        channel_id,
-        error: error.to_string(),
-    };
-    super::refuse(s, inbound.ack, events::CHANNEL_ERROR, &payload, error);
-}
 
 pub async fn sync(app: &App, s: &SocketRef, session: &Session, inbound: Inbound) {
     let data = inbound.data.as_ref();
