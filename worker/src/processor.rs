@@ -25,7 +25,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use chrono::Utc;
 use sha2::{Digest, Sha256};
-use switchboard_shared::bus::{Bus, DedupeClaim, StreamEntry, Topics};
+use switchboard_shared::bus::{BatchEnd, Bus, DedupeClaim, StreamEntry, Topics};
 use switchboard_shared::config::Settings;
 use switchboard_shared::protocol::{
     self, errors, iso, ChannelEvent, Command, CommandEnvelope, DeliveryStatus, MessageCreated,
@@ -179,7 +179,6 @@ impl Processor {
         let transient = |e: &dyn std::fmt::Display| ProcessError::Transient(e.to_string());
         let mut items = Vec::with_capacity(entries.len());
         let mut work = Vec::with_capacity(entries.len());
-        let mut acks: HashMap<u32, Vec<String>> = HashMap::new();
         for (partition, entry) in entries {
             match protocol::decode::<CommandEnvelope>(&entry.payload) {
                 Ok(env) => match env.command.clone() {
@@ -413,32 +412,26 @@ impl Processor {
             let bytes = protocol::encode(outcomes).map_err(|e| transient(&e))?;
             publish.push((self.topics.node(node), Bytes::from(bytes)));
         }
-        self.bus.publish(publish).await.map_err(|e| transient(&e))?;
-
-        // 4. Settle dedupe keys.
-        self.bus
-            .settle_dedupe(
-                &settle_set,
-                Duration::from_secs(self.settings.dedupe_ttl),
-                &settle_del,
-            )
-            .await
-            .map_err(|e| transient(&e))?;
-
-        // 5. Acknowledge.
+        // 4. Settle dedupe keys and 5. acknowledge: with the publish, one
+        //    round trip (one script on Redis), in that order.
+        let mut acks: Vec<(u32, Vec<String>)> = Vec::new();
         for w in &work {
             let (partition, id) = match w {
                 Work::Send(i) => (items[*i].partition, &items[*i].entry_id),
                 Work::Other(o) => (o.partition, &o.entry_id),
             };
-            acks.entry(partition).or_default().push(id.clone());
+            push_grouped(&mut acks, partition, id.clone());
         }
-        for (partition, ids) in acks {
-            self.bus
-                .ack(partition, &ids)
-                .await
-                .map_err(|e| transient(&e))?;
-        }
+        self.bus
+            .complete_batch(BatchEnd {
+                publish,
+                settle_set,
+                settle_ttl: Duration::from_secs(self.settings.dedupe_ttl),
+                settle_delete: settle_del,
+                acks,
+            })
+            .await
+            .map_err(|e| transient(&e))?;
         metrics::counter!("worker_messages_persisted_total").increment(new_rows.len() as u64);
         Ok(work.len())
     }

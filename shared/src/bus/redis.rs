@@ -24,7 +24,8 @@ use fred::types::CustomCommand;
 use tokio::sync::broadcast;
 
 use super::{
-    Bus, BusError, BusResult, DedupeClaim, PartitionBatch, StreamEntry, TopicMessage, Topics,
+    BatchEnd, Bus, BusError, BusResult, DedupeClaim, PartitionBatch, StreamEntry, TopicMessage,
+    Topics,
 };
 
 /// Consumer group of the workers on every partition stream.
@@ -101,6 +102,41 @@ end
 return 1
 "#;
 
+/// The end of a batch in one round trip: publish, settle dedupe keys,
+/// acknowledge. KEYS: the keys to set, the keys to delete, the streams to
+/// acknowledge on. ARGV: ttl, #set, #delete, #publish, #streams, then the
+/// (topic, payload) pairs, the values of the keys to set, and per stream its
+/// entry count followed by its entry ids.
+const COMPLETE_LUA: &str = r#"
+local ttl = ARGV[1]
+local nset, ndel = tonumber(ARGV[2]), tonumber(ARGV[3])
+local npub, nstreams = tonumber(ARGV[4]), tonumber(ARGV[5])
+local a = 6
+for i = 1, npub do
+  redis.call('PUBLISH', ARGV[a], ARGV[a + 1])
+  a = a + 2
+end
+for i = 1, nset do
+  redis.call('SET', KEYS[i], ARGV[a], 'PX', ttl)
+  a = a + 1
+end
+for i = nset + 1, nset + ndel do
+  redis.call('DEL', KEYS[i])
+end
+for s = 1, nstreams do
+  local key = KEYS[nset + ndel + s]
+  local n = tonumber(ARGV[a])
+  local ids = {}
+  for j = 1, n do ids[j] = ARGV[a + j] end
+  a = a + n + 1
+  if n > 0 then
+    redis.call('XACK', key, 'workers', unpack(ids))
+    redis.call('XDEL', key, unpack(ids))
+  end
+end
+return 1
+"#;
+
 const COUNT_LUA: &str = r#"
 local n = redis.call('INCR', KEYS[1])
 if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
@@ -123,6 +159,7 @@ struct Scripts {
     claim: Script,
     settle: Script,
     release_dedupe: Script,
+    complete: Script,
     count: Script,
 }
 
@@ -189,6 +226,7 @@ impl RedisBus {
                 claim: Script::from_lua(CLAIM_LUA),
                 settle: Script::from_lua(SETTLE_LUA),
                 release_dedupe: Script::from_lua(RELEASE_DEDUPE_LUA),
+                complete: Script::from_lua(COMPLETE_LUA),
                 count: Script::from_lua(COUNT_LUA),
             },
             fail_fast: Options {
@@ -746,6 +784,46 @@ impl Bus for RedisBus {
                 other => DedupeClaim::Existing(other.as_string().unwrap_or_default()),
             })
             .collect())
+    }
+
+    async fn complete_batch(&self, batch: BatchEnd) -> BusResult<()> {
+        let BatchEnd {
+            publish,
+            settle_set,
+            settle_ttl,
+            settle_delete,
+            acks,
+        } = batch;
+        let mut keys: Vec<String> = settle_set
+            .iter()
+            .map(|(k, _)| self.topics.dedupe(k))
+            .collect();
+        keys.extend(settle_delete.iter().map(|k| self.topics.dedupe(k)));
+        keys.extend(acks.iter().map(|(p, _)| self.topics.stream(*p)));
+        let mut args: Vec<Value> = Vec::with_capacity(
+            5 + 2 * publish.len()
+                + settle_set.len()
+                + acks.iter().map(|(_, ids)| ids.len() + 1).sum::<usize>(),
+        );
+        args.push(Value::from(settle_ttl.as_millis() as i64));
+        args.push(Value::from(settle_set.len() as i64));
+        args.push(Value::from(settle_delete.len() as i64));
+        args.push(Value::from(publish.len() as i64));
+        args.push(Value::from(acks.len() as i64));
+        for (topic, payload) in publish {
+            args.push(Value::from(topic));
+            args.push(Value::Bytes(payload));
+        }
+        args.extend(settle_set.into_iter().map(|(_, v)| Value::from(v)));
+        for (_, ids) in acks {
+            args.push(Value::from(ids.len() as i64));
+            args.extend(ids.into_iter().map(Value::from));
+        }
+        let _: Value = self
+            .run(&self.scripts.complete, false, keys, args)
+            .await
+            .map_err(unavailable)?;
+        Ok(())
     }
 
     async fn settle_dedupe(
