@@ -63,7 +63,7 @@ async fn dispatch(
                 continue;
             }
             Some(entry) = entries.recv() => {
-                crate::recovery::complete_entry(&app, entry).await;
+                complete_entry(&app, entry).await;
                 continue;
             }
         };
@@ -160,6 +160,48 @@ async fn repair(app: &App, channel: &Uuid, after: i64, upto: i64) {
             tracing::warn!(%channel, error = %e, "gap repair failed; the hole stays until the client syncs");
         }
     }
+}
+
+/// Completes a recovering socket's catch-up (see [`crate::recovery`]),
+/// between two live events. The socket holds the channel's messages up to
+/// `replayed_to`; this node's room has had them up to its cursor:
+/// - cursor ahead: the socket is sent what the room got meanwhile;
+/// - cursor behind (the database read saw messages whose live copies have
+///   not reached this node yet): the room is repaired up to `replayed_to`
+///   first, so their live copies are dropped as duplicates later instead of
+///   reaching the socket a second time.
+///
+/// Then the socket joins the room.
+async fn complete_entry(app: &App, entry: RoomEntry) {
+    let RoomEntry {
+        socket,
+        channel,
+        replayed_to,
+        done,
+    } = entry;
+    let cursor = app.subscriptions.cursor(&channel);
+    let mut held = replayed_to.or(cursor).unwrap_or(0);
+    if let (Some(from), Some(cursor)) = (replayed_to, cursor) {
+        if cursor > from {
+            match app
+                .store
+                .messages_after(channel, from, (cursor - from) as u64)
+                .await
+            {
+                Ok(messages) => {
+                    for m in messages.iter().filter(|m| m.message.seq <= cursor) {
+                        crate::recovery::emit_replayed(&socket, m);
+                        held = m.message.seq;
+                    }
+                }
+                Err(e) => tracing::warn!(%channel, error = %e, "catch-up seam read failed"),
+            }
+        } else if from > cursor {
+            repair(app, &channel, cursor, from).await;
+        }
+    }
+    socket.join(channel_room(&channel));
+    let _ = done.send(held);
 }
 
 /// After a pub/sub gap: answers waiting writes already stored, and brings

@@ -18,6 +18,8 @@ use uuid::Uuid;
 
 use crate::state::{channel_room, App, RoomEntry};
 
+// The dispatcher's half of the hand-off is `fanout::complete_entry`.
+
 /// A replayed `message:created`: the message as the history API shows it
 /// (with its current reactions), flagged `recovered`.
 #[derive(Serialize)]
@@ -111,39 +113,6 @@ async fn enter_room(app: &App, s: &SocketRef, channel: Uuid, replayed_to: Option
         return replayed_to.unwrap_or(0);
     }
     answer.await.unwrap_or(replayed_to.unwrap_or(0))
-}
-
-/// The dispatcher's half of [`enter_room`]: runs in the dispatcher task,
-/// between two live events.
-pub async fn complete_entry(app: &App, entry: RoomEntry) {
-    let RoomEntry {
-        socket,
-        channel,
-        replayed_to,
-        done,
-    } = entry;
-    let cursor = app.subscriptions.cursor(&channel);
-    let mut held = replayed_to.or(cursor).unwrap_or(0);
-    if let (Some(from), Some(cursor)) = (replayed_to, cursor) {
-        if cursor > from {
-            // Emitted to the room while the socket read the database.
-            match app
-                .store
-                .messages_after(channel, from, (cursor - from) as u64)
-                .await
-            {
-                Ok(messages) => {
-                    for m in messages.iter().filter(|m| m.message.seq <= cursor) {
-                        emit_replayed(&socket, m);
-                        held = m.message.seq;
-                    }
-                }
-                Err(e) => tracing::warn!(%channel, error = %e, "catch-up seam read failed"),
-            }
-        }
-    }
-    socket.join(channel_room(&channel));
-    let _ = done.send(held);
 }
 
 /// The channels of `auth.since` (`{channelId: seq}`) that are among the

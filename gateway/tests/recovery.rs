@@ -23,19 +23,29 @@ async fn connect_since(cluster: &Cluster, node: usize, user: &str, since: Value)
     c
 }
 
-/// Sends `n` messages and waits until each is DELIVERED; returns the seq of the last.
+/// Sends `n` messages and waits until each is DELIVERED.
 async fn send_delivered(c: &mut Client, ch: &str, prefix: &str, n: usize) {
-    let sent = send_burst(c, ch, prefix, n).await;
-    assert_eq!(sent.len(), n);
     for i in 0..n {
-        let t = format!("{prefix}-{i}");
-        c.wait_for(
-            "message:delivered",
-            |d| d["tempId"] == t.as_str() && d["status"] == "DELIVERED",
-            T,
+        c.emit(
+            "message:send",
+            &json!({"content": format!("{prefix} {i}"), "channelId": ch, "tempId": format!("{prefix}-{i}")}),
         )
         .await
-        .expect("delivered");
+        .expect("emit");
+    }
+    let mut delivered = std::collections::HashSet::new();
+    let deadline = Instant::now() + T;
+    while delivered.len() < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} delivered",
+            delivered.len()
+        );
+        if let Some(e) = c.next(Duration::from_millis(200)).await {
+            if e.name == "message:delivered" && e.data["status"] == "DELIVERED" {
+                delivered.insert(e.data["tempId"].as_str().unwrap_or_default().to_string());
+            }
+        }
     }
 }
 
