@@ -108,6 +108,20 @@ pub async fn serve(mut settings: Settings) -> anyhow::Result<()> {
         crate::pending::supervise(&app.pending, &app.store, app.settings.outcome_timeout()).await;
     });
 
+    // `switchboard_ready` (1 or 0) every 5 s from the checks of /readyz, for alerting.
+    let ready_app = app.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            let app = &ready_app;
+            let ready = !app.is_draining()
+                && app.bus.ping().await.is_ok()
+                && app.store.ping().await.is_ok();
+            metrics::gauge!("switchboard_ready").set(if ready { 1.0 } else { 0.0 });
+        }
+    });
+
     let mut router =
         rest::router(app.clone(), metrics).layer(DefaultBodyLimit::max(settings.rest_body_limit));
     if settings.auth_dev_secret.is_some() {

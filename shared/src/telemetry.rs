@@ -50,8 +50,18 @@ const LATENCY_BUCKETS: [f64; 14] = [
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 
+/// Size buckets of the histograms named `*_entries` (e.g. `worker_batch_entries`).
+const SIZE_BUCKETS: [f64; 11] = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 512.0, 1000.0, 5000.0,
+];
+
 fn builder() -> anyhow::Result<PrometheusBuilder> {
-    Ok(PrometheusBuilder::new().set_buckets(&LATENCY_BUCKETS)?)
+    Ok(PrometheusBuilder::new()
+        .set_buckets(&LATENCY_BUCKETS)?
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_entries".into()),
+            &SIZE_BUCKETS,
+        )?)
 }
 
 /// Installs the Prometheus recorder and returns the handle `/metrics` renders

@@ -188,6 +188,13 @@ impl Leases {
                     .set(n as f64);
             }
         }
+        // Partitions held by others read 0 here, so `max by (partition)` over
+        // all workers is the holder's figure, not a former holder's stale one.
+        let held = self.lock().held.keys().copied().collect::<Vec<_>>();
+        for p in (0..self.partitions).filter(|p| !held.contains(p)) {
+            metrics::gauge!("worker_stream_backlog", "partition" => p.to_string()).set(0.0);
+        }
+        metrics::gauge!("worker_stream_partitions").set(f64::from(self.partitions));
     }
 
     /// Renews leases every `ttl / 3` until cancelled, then releases them all

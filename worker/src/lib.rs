@@ -201,10 +201,14 @@ impl Worker {
                     switchboard_shared::telemetry::continue_trace(&span, &env.trace);
                 }
             }
+            metrics::histogram!("worker_batch_entries").record(entries.len() as f64);
+            let started = std::time::Instant::now();
             let result = {
                 let _enter = span.enter();
                 self.processor.process(entries.clone(), seqs).await
             };
+            metrics::histogram!("worker_batch_duration_seconds")
+                .record(started.elapsed().as_secs_f64());
             match result {
                 Ok(_) => return true,
                 Err(ProcessError::Permanent(e)) => {

@@ -8,6 +8,8 @@ use switchboard_shared::store::Store;
 use switchboard_worker::Worker;
 use tokio_util::sync::CancellationToken;
 
+mod probes;
+
 #[derive(Parser)]
 #[command(
     name = "switchboard-worker",
@@ -52,13 +54,38 @@ async fn main() -> anyhow::Result<()> {
                 matches!(settings.mode()?, Mode::Cluster { .. }),
                 "switchboard-worker needs REDIS_URL and DATABASE_URL; without them run switchboard-gateway, which embeds the worker"
             );
-            if let Some(port) = settings.metrics_port {
-                switchboard_shared::telemetry::init_metrics_listener(port)?;
-                tracing::info!(port, "metrics at /metrics");
-            }
+            let metrics = match settings.metrics_port {
+                Some(port) => {
+                    let handle = switchboard_shared::telemetry::init_metrics()?;
+                    // Exported from the start: dashboards and alerts see 0, not "no data".
+                    for name in [
+                        "worker_dead_letters_total",
+                        "worker_batch_failures_total",
+                        "worker_messages_persisted_total",
+                        "worker_leases_lost_total",
+                    ] {
+                        metrics::counter!(name).increment(0);
+                    }
+                    Some((port, handle))
+                }
+                None => None,
+            };
             let backends = Backends::connect(&settings).await?;
             let worker = Worker::new(&backends, &settings);
             let cancel = CancellationToken::new();
+            if let Some((port, handle)) = metrics {
+                let listener = tokio::net::TcpListener::bind((settings.host.as_str(), port))
+                    .await
+                    .map_err(|e| anyhow::anyhow!("cannot listen on METRICS_PORT {port}: {e}"))?;
+                tracing::info!(port, "/metrics, /healthz and /readyz");
+                probes::spawn_readiness_gauge(backends.clone(), cancel.clone());
+                let app = probes::router(handle, backends.clone(), cancel.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = axum::serve(listener, app).await {
+                        tracing::error!(error = %e, "metrics listener stopped");
+                    }
+                });
+            }
             let stop = cancel.clone();
             tokio::spawn(async move {
                 switchboard_shared::shutdown::signal().await;

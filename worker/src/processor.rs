@@ -263,6 +263,17 @@ impl Processor {
                     _ => Verdict::Failed(errors::ALREADY_PROCESSING.into()),
                 },
             };
+            match &item.verdict {
+                Verdict::AlreadyDelivered(_) => {
+                    metrics::counter!("worker_dedupe_hits_total", "kind" => "delivered")
+                        .increment(1)
+                }
+                Verdict::Failed(_) => {
+                    metrics::counter!("worker_dedupe_hits_total", "kind" => "in_flight")
+                        .increment(1)
+                }
+                _ => {}
+            }
         }
 
         // 2. Persist. Redelivered entries may already be stored.
@@ -335,7 +346,11 @@ impl Processor {
             });
             *next += 1;
         }
-        if let Err(e) = self.store.insert_messages(&new_rows).await {
+        let insert_started = std::time::Instant::now();
+        let inserted = self.store.insert_messages(&new_rows).await;
+        metrics::histogram!("worker_insert_duration_seconds")
+            .record(insert_started.elapsed().as_secs_f64());
+        if let Err(e) = inserted {
             let e = db_err(e);
             if matches!(e, ProcessError::Transient(_)) {
                 // Perhaps a stale sequence (another worker wrote): reload next time.

@@ -50,6 +50,8 @@ impl FromMessageParts<LocalAdapter> for Enqueue {
             // Not authenticated: no inbox, the event is dropped (CONTRACT §2).
             return Ok(Enqueue);
         };
+        metrics::counter!("gateway_events_received_total", "event" => event_label(&event))
+            .increment(1);
         let inbound = Inbound {
             event,
             data: data.ok(),
@@ -61,6 +63,25 @@ impl FromMessageParts<LocalAdapter> for Enqueue {
         }
         Ok(Enqueue)
     }
+}
+
+/// The `event` label of `gateway_events_received_total`: the known client
+/// events by name, anything else as "other" (client-chosen names would make
+/// the label set unbounded).
+fn event_label(event: &str) -> &'static str {
+    const KNOWN: [&str; 6] = [
+        "message:send",
+        "reaction:add",
+        "reaction:remove",
+        "message:read",
+        "channel:join",
+        "channel:sync",
+    ];
+    KNOWN
+        .iter()
+        .find(|k| **k == event)
+        .copied()
+        .unwrap_or("other")
 }
 
 /// Answers an event refused because the inbox is full, in the shape of its

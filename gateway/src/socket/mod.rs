@@ -350,6 +350,7 @@ pub async fn recover(
 async fn on_connect(app: App, s: SocketRef) {
     match s.extensions.get::<Handshake>() {
         Some(Handshake::Accepted { success, since }) => {
+            metrics::counter!("gateway_handshakes_total", "result" => "accepted").increment(1);
             let sent = s.emit(events::CONNECTION_SUCCESS, &*success);
             // A client that left during the handshake: disconnecting runs
             // the disconnect handler, which gives its resources back.
@@ -367,6 +368,7 @@ async fn on_connect(app: App, s: SocketRef) {
             reason,
             error,
         }) => {
+            metrics::counter!("gateway_handshakes_total", "result" => "refused").increment(1);
             let _ = s.emit(
                 events::CONNECTION_ERROR,
                 &ConnectionError {

@@ -512,11 +512,12 @@ class Cluster {
     throw lastError;
   }
 
-  /** Starts one more worker; returns its Proc. */
-  addWorker() {
+  /** Starts one more worker (`env`: variables of this worker only, e.g. METRICS_PORT); returns its Proc. */
+  addWorker(env = {}) {
     if (this.mode !== 'cluster') throw new Error('workers exist in cluster mode only');
     const i = this.workers.length;
-    const env = Object.assign(this.commonEnv(), { NODE_ID: `wk-${i}-${randomHex(3)}` }, this.extraEnv);
+    const own = Object.fromEntries(Object.entries(env).map(([k, v]) => [k, String(v)]));
+    env = Object.assign(this.commonEnv(), { NODE_ID: `wk-${i}-${randomHex(3)}` }, this.extraEnv, own);
     const proc = new Proc(`worker-${i}`, WORKER_BIN, [], env);
     this.workers.push(proc);
     return proc;
