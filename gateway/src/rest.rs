@@ -95,7 +95,47 @@ pub fn router(app: App, metrics: PrometheusHandle) -> Router {
                 }
             }),
         )
+        .layer(axum::middleware::from_fn_with_state(
+            app.settings.rest_body_limit,
+            refuse_oversized,
+        ))
         .with_state(app)
+}
+
+/// Answers 413 `{error}` to a request whose `Content-Length` is above
+/// `REST_BODY_LIMIT`, before anything reads the body (CONTRACT §6). hyper
+/// sends `100 Continue` only when the body is first read, so a client that
+/// sent `Expect: 100-continue` gets the 413 instead of a `100 Continue`
+/// followed by a reset in the middle of its upload; and the node never
+/// reads a byte of a body it would refuse. Bodies without a length (chunked)
+/// are still bounded while read by `DefaultBodyLimit`.
+async fn refuse_oversized(
+    State(limit): State<usize>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let announced = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if let Some(len) = announced {
+        if len > limit as u64 {
+            metrics::counter!("gateway_rest_too_large_total").increment(1);
+            let mut resp = ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("Request body too large (limit {limit} bytes)"),
+            )
+            .into_response();
+            // The unread body makes the connection unusable for another request.
+            resp.headers_mut().insert(
+                header::CONNECTION,
+                header::HeaderValue::from_static("close"),
+            );
+            return resp;
+        }
+    }
+    next.run(req).await
 }
 
 async fn readyz(State(app): State<App>) -> Response {

@@ -64,6 +64,11 @@ fn cors(settings: &Settings) -> Option<CorsLayer> {
     )
 }
 
+/// `MAX_PAYLOAD_BYTES` as a WebSocket frame/message limit.
+fn ws_limit(max_payload_bytes: u64) -> usize {
+    usize::try_from(max_payload_bytes).unwrap_or(usize::MAX)
+}
+
 pub async fn serve(mut settings: Settings) -> anyhow::Result<()> {
     let metrics = switchboard_shared::telemetry::init_metrics()?;
     let backends = Backends::connect(&settings).await?;
@@ -82,6 +87,12 @@ pub async fn serve(mut settings: Settings) -> anyhow::Result<()> {
         .ping_timeout(settings.ping_timeout())
         .connect_timeout(settings.connect_timeout())
         .max_payload(settings.max_payload_bytes)
+        // tungstenite's defaults (16 MiB frames, 64 MiB messages) would let
+        // any client make the node buffer that much per frame; with these,
+        // a larger frame is refused from its header and closes that one
+        // connection (CONTRACT §1), as a larger polling body already does.
+        .ws_max_frame_size(ws_limit(settings.max_payload_bytes))
+        .ws_max_message_size(ws_limit(settings.max_payload_bytes))
         .max_buffer_size(1024)
         .build_layer();
     let app: App = Arc::new(AppState::new(
