@@ -12,6 +12,8 @@
 //!   `message:created`, send→created at every receiver and send→DELIVERED at
 //!   the sender, and lost / duplicated-or-out-of-order deliveries.
 //! - `fanout`: `chat` with one channel of M members and one sender.
+//! - `recover`: catch-up after a reconnect (`auth.since`): time to
+//!   `channel:recovered` by messages missed, and a reconnect storm.
 //!
 //! Output: a human table, then one JSON line (the last line of stdout).
 
@@ -26,6 +28,8 @@ use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 use switchboard_loadtest::client::{Client, Target};
 use switchboard_loadtest::tokens::Minter;
+
+mod recover;
 
 #[derive(Parser)]
 #[command(
@@ -46,6 +50,8 @@ enum Scenario {
     Chat(ChatArgs),
     /// One big channel, one sender.
     Fanout(FanoutArgs),
+    /// Catch-up after reconnects, and a reconnect storm with `since`.
+    Recover(recover::RecoverArgs),
 }
 
 #[derive(Args, Clone)]
@@ -609,6 +615,7 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?
         }
+        Scenario::Recover(a) => recover::run(a).await?,
         Scenario::Fanout(a) => {
             chat(Plan {
                 common: a.common,
