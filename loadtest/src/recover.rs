@@ -151,7 +151,14 @@ pub async fn run(args: RecoverArgs) -> anyhow::Result<Value> {
 
     for &m in &args.missed {
         let (sender, reader) = (format!("{run}-s{m}"), format!("{run}-r{m}"));
-        let ch = channel(&http, &targets[0], &minter, &sender, &[reader.clone()]).await?;
+        let ch = channel(
+            &http,
+            &targets[0],
+            &minter,
+            &sender,
+            std::slice::from_ref(&reader),
+        )
+        .await?;
         let mut s = Client::connect(&first, minter.auth(&sender)?).await?;
         s.wait_for("connection:success", |_| true, Duration::from_secs(30))
             .await?;
