@@ -95,10 +95,14 @@ fn default_batch_size() -> usize {
     512
 }
 fn default_block_ms() -> u64 {
-    500
+    // Also bounds how long an idle worker takes to notice released partitions.
+    250
 }
 fn default_lease_ttl() -> u64 {
-    10_000
+    // A killed worker's partitions are taken over within about this plus a
+    // tenth of a second; a worker stalled for two thirds of it stops processing
+    // (README: lease settings and their trade-off).
+    2_000
 }
 fn default_attempts() -> u64 {
     5

@@ -96,19 +96,29 @@ impl Leases {
     /// above it. Returns the newly acquired partitions, whose pending entries
     /// the caller must take over before reading new ones.
     ///
-    /// Runs at most once per renewal period (`ttl / 3`): the loop calls it
-    /// between every batch, and a worker whose share cannot be reached (more
-    /// workers than `partitions / share`) must not retry every free-looking
-    /// partition on the hot path.
+    /// Runs at most every [`RECHECK`] (or `ttl / 3` if shorter): the loop
+    /// calls it between every batch, and a worker whose share cannot be
+    /// reached (more workers than `partitions / share`) must not retry every
+    /// free-looking partition on the hot path. Each run first refreshes the
+    /// heartbeat and the fair share, so partitions released by a worker
+    /// stopped with SIGTERM (it leaves the live set at once) are taken within
+    /// `RECHECK` plus one read, and those of a killed worker within the lease
+    /// TTL plus that.
     pub async fn rebalance(&self) -> Vec<u32> {
-        let (held, target) = {
+        {
             let mut t = self.lock();
             if t.last_rebalance
-                .is_some_and(|last| last.elapsed() < self.ttl / 3)
+                .is_some_and(|last| last.elapsed() < RECHECK.min(self.ttl / 3))
             {
                 return Vec::new();
             }
             t.last_rebalance = Some(Instant::now());
+        }
+        if let Ok(live) = self.bus.heartbeat(&self.worker, self.ttl).await {
+            self.lock().target = (self.partitions as usize).div_ceil(live.max(1));
+        }
+        let (held, target) = {
+            let t = self.lock();
             (t.held.keys().copied().collect::<Vec<_>>(), t.target)
         };
         let mut acquired = Vec::new();
@@ -219,6 +229,11 @@ impl Leases {
         let _ = self.bus.leave(&self.worker).await;
     }
 }
+
+/// Longest time between two rebalances: how soon a worker notices partitions
+/// that another released or let expire (one heartbeat round trip each time,
+/// plus one `SET NX` per partition it could still take).
+const RECHECK: Duration = Duration::from_millis(100);
 
 fn fxhash(s: &str) -> u32 {
     s.bytes().fold(0x811c_9dc5u32, |h, b| {

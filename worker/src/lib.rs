@@ -113,8 +113,13 @@ impl Worker {
             }
         }
 
+        // Release first: the other workers take the partitions over while the
+        // keeper winds down (a renewal racing the release finds the lease gone).
         keeper_cancel.cancel();
+        self.leases.release_all().await;
         let _ = keeper.await;
+        // A heartbeat of the keeper that raced the release may have put this
+        // worker back in the live set: leave it again (nothing is held now).
         self.leases.release_all().await;
         tracing::info!(worker = %self.id, "worker stopped");
     }
