@@ -20,7 +20,9 @@
 //! are stored are answered.
 
 use switchboard_shared::bus::{BusResult, TopicMessage};
-use switchboard_shared::protocol::{self, ChannelEvent, MembershipChange, MessageCreated, Outcome};
+use switchboard_shared::protocol::{
+    self, ChannelEvent, MembershipChange, MembershipKind, MessageCreated, Outcome,
+};
 use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
@@ -97,7 +99,17 @@ async fn dispatch(
         } else if msg.topic == membership_topic {
             match protocol::decode::<MembershipChange>(&msg.payload) {
                 Ok(change) => {
-                    // Entering a room may subscribe (a Redis round trip).
+                    // A removal takes the sockets out here, before the next
+                    // event is emitted (socket/membership.rs explains why).
+                    if change.kind == MembershipKind::Left {
+                        crate::socket::membership::revoke_local(
+                            &app,
+                            &change.user_id,
+                            change.channel_id,
+                        );
+                    }
+                    // Entering a room may subscribe, leaving may unsubscribe
+                    // (Redis round trips).
                     let app = app.clone();
                     tokio::spawn(async move {
                         crate::socket::membership::apply(&app, change).await;
@@ -251,6 +263,7 @@ async fn emit_to_channel(app: &App, channel: &Uuid, event: &ChannelEvent) {
             ChannelEvent::ReactionRemoved(p) => op.to(room.clone()).emit(event.name(), p).await,
             ChannelEvent::MessageRead(p) => op.to(room.clone()).emit(event.name(), p).await,
             ChannelEvent::UserJoined(p) => op.to(room.clone()).emit(event.name(), p).await,
+            ChannelEvent::UserLeft(p) => op.to(room.clone()).emit(event.name(), p).await,
         };
         if let Err(e) = res {
             tracing::debug!(error = %e, "room emit failed");

@@ -5,7 +5,7 @@ use axum::extract::{FromRequestParts, Path, Query, State};
 use axum::http::request::Parts;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{delete, get, post};
 use axum::{Json, Router};
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::Deserialize;
@@ -80,6 +80,10 @@ pub fn router(app: App, metrics: PrometheusHandle) -> Router {
     Router::new()
         .route("/api/channels", post(create_channel).get(list_channels))
         .route("/api/channels/{id}/members", post(add_member))
+        .route(
+            "/api/channels/{id}/members/{user_id}",
+            delete(remove_member),
+        )
         .route("/api/channels/{id}/messages", get(history))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
@@ -273,6 +277,45 @@ fn parse_channel_id(raw: &str) -> Result<Uuid, ApiError> {
 #[serde(rename_all = "camelCase")]
 struct NewMember {
     user_id: serde_json::Value,
+}
+
+/// `DELETE /api/channels/{id}/members/{userId}` (CONTRACT §6): the owner
+/// removes anyone else, anyone removes themselves. 204 once the user's
+/// sockets on this node are out and every node has been told
+/// (`membership::remove`).
+async fn remove_member(
+    State(app): State<App>,
+    Caller(caller): Caller,
+    Path((id, user_id)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let channel_id = parse_channel_id(&id)?;
+    let channel = app
+        .store
+        .channel(channel_id)
+        .await
+        .map_err(ApiError::internal)?
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "Channel not found"))?;
+    if user_id != caller.id && channel.owner_id != caller.id {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "Only the owner can remove other members",
+        ));
+    }
+    // `removedBy` is the remover, also when removing oneself (a leave is
+    // the socket's `channel:leave`, with `removedBy: null`).
+    match membership::remove(&app, &channel, &user_id, Some(&caller.id)).await {
+        Ok(()) => Ok(StatusCode::NO_CONTENT.into_response()),
+        Err(e @ membership::RemoveError::NotMember) => {
+            Err(ApiError::new(StatusCode::NOT_FOUND, e.message()))
+        }
+        Err(e @ membership::RemoveError::OwnerWithMembers) => {
+            Err(ApiError::new(StatusCode::CONFLICT, e.message()))
+        }
+        Err(membership::RemoveError::Unavailable) => Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "Service temporarily unavailable",
+        )),
+    }
 }
 
 async fn add_member(

@@ -25,6 +25,8 @@ pub mod events {
     pub const REACTION_ERROR: &str = "reaction:error";
     pub const CHANNEL_JOIN: &str = "channel:join";
     pub const CHANNEL_USER_JOINED: &str = "channel:user_joined";
+    pub const CHANNEL_LEAVE: &str = "channel:leave";
+    pub const CHANNEL_USER_LEFT: &str = "channel:user_left";
     pub const CHANNEL_ERROR: &str = "channel:error";
     pub const SERVER_SHUTDOWN: &str = "server:shutdown";
     pub const CHANNEL_SYNC: &str = "channel:sync";
@@ -208,6 +210,17 @@ pub struct UserJoined {
     pub timestamp: String,
 }
 
+/// `channel:user_left` (CONTRACT §3): `removed_by` is `None` for a
+/// `channel:leave`, the remover's id for a REST removal.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct UserLeft {
+    pub user_id: String,
+    pub channel_id: String,
+    pub removed_by: Option<String>,
+    pub timestamp: String,
+}
+
 /// `channel:recovered` (CONTRACT §9): the end of a catch-up. With
 /// `recovered: true`, every message `from_seq..=to_seq` was sent; with
 /// `false`, more than `RECOVERY_MAX_MESSAGES` were missed, nothing was
@@ -361,6 +374,7 @@ pub enum ChannelEvent {
     ReactionRemoved(ReactionRemoved),
     MessageRead(MessageReadEvent),
     UserJoined(UserJoined),
+    UserLeft(UserLeft),
 }
 
 impl ChannelEvent {
@@ -371,6 +385,7 @@ impl ChannelEvent {
             ChannelEvent::ReactionRemoved(_) => events::REACTION_REMOVED,
             ChannelEvent::MessageRead(_) => events::MESSAGE_READ,
             ChannelEvent::UserJoined(_) => events::CHANNEL_USER_JOINED,
+            ChannelEvent::UserLeft(_) => events::CHANNEL_USER_LEFT,
         }
     }
 }
@@ -399,12 +414,23 @@ pub enum OutcomeResult {
     },
 }
 
-/// Published cluster-wide when someone becomes a member of a channel, so that
-/// every gateway holding that user's sockets puts them in the room at once.
+/// Published cluster-wide when someone becomes or stops being a member of a
+/// channel, so that every gateway holding that user's sockets puts them in
+/// the room, or takes them out of it, at once.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 pub struct MembershipChange {
     pub user_id: String,
     pub channel_id: Uuid,
+    /// Absent in changes of older nodes, which only announced joins.
+    #[serde(default)]
+    pub kind: MembershipKind,
+}
+
+#[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub enum MembershipKind {
+    #[default]
+    Joined,
+    Left,
 }
 
 /// Encodes a bus value as MessagePack (named fields, so that entries stay

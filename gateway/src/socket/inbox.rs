@@ -111,7 +111,7 @@ fn refuse_full(s: &Arc<Socket<LocalAdapter>>, inbound: Inbound) {
                 error: ERROR.into(),
             },
         ),
-        events::CHANNEL_JOIN | events::CHANNEL_SYNC => s.emit(
+        events::CHANNEL_JOIN | events::CHANNEL_LEAVE | events::CHANNEL_SYNC => s.emit(
             events::CHANNEL_ERROR,
             &ChannelError {
                 channel_id: field("channelId"),

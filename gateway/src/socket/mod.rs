@@ -45,12 +45,13 @@ pub use session::Session;
 use session::SessionGuard;
 
 /// Events a client may send; anything else is ignored.
-const CLIENT_EVENTS: [&str; 6] = [
+const CLIENT_EVENTS: [&str; 7] = [
     events::MESSAGE_SEND,
     events::MESSAGE_READ,
     events::REACTION_ADD,
     events::REACTION_REMOVE,
     events::CHANNEL_JOIN,
+    events::CHANNEL_LEAVE,
     events::CHANNEL_SYNC,
 ];
 
@@ -299,6 +300,7 @@ async fn run_inbox(
 async fn handle_event(app: &App, s: &SocketRef, session: &Session, inbound: Inbound) {
     match inbound.event.as_str() {
         events::CHANNEL_JOIN => membership::join(app, s, session, inbound).await,
+        events::CHANNEL_LEAVE => membership::leave(app, s, session, inbound).await,
         events::CHANNEL_SYNC => sync::sync(app, s, session, inbound).await,
         events::MESSAGE_READ => reactions::read(app, s, session, inbound).await,
         events::REACTION_ADD => reactions::react(app, s, session, inbound, true).await,

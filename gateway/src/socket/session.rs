@@ -26,6 +26,9 @@ use crate::state::{channel_room, App};
 
 struct Channels {
     set: HashSet<Uuid>,
+    /// Channels revoked (out of `set` and the room) whose subscription
+    /// reference is still held, until [`Session::leave`] gives it back.
+    revoked: HashSet<Uuid>,
     closed: bool,
 }
 
@@ -50,6 +53,7 @@ impl Session {
             ns: ns.to_string(),
             channels: Mutex::new(Channels {
                 set: channels.iter().copied().collect(),
+                revoked: HashSet::new(),
                 closed: false,
             }),
             membership: tokio::sync::Mutex::new(()),
@@ -82,6 +86,20 @@ impl Session {
                 return true;
             }
         }
+        // Revoked but not yet released: the subscription is still ours.
+        let held = {
+            let mut c = self.channels();
+            if c.revoked.remove(&channel) {
+                c.set.insert(channel);
+                true
+            } else {
+                false
+            }
+        };
+        if held {
+            s.join(channel_room(&channel));
+            return true;
+        }
         // A channel this node does not track yet starts at its latest
         // stored message (anything after it is live or repaired).
         let position = match app.subscriptions.cursor(&channel) {
@@ -103,6 +121,37 @@ impl Session {
         true
     }
 
+    /// Takes the socket out of a channel at once, without waiting for any
+    /// lock: out of the room (no further event of the channel reaches it)
+    /// and out of the membership its writes are checked against. The
+    /// dispatcher calls this in order with the channel's events, so nothing
+    /// published after a removal was acknowledged is emitted to the socket.
+    /// The subscription is given back later by [`Session::leave`].
+    pub fn revoke(&self, s: &SocketRef, channel: Uuid) {
+        {
+            let mut c = self.channels();
+            if c.set.remove(&channel) && !c.closed {
+                c.revoked.insert(channel);
+            }
+        }
+        s.leave(channel_room(&channel));
+    }
+
+    /// Leaves a channel ([`Session::revoke`]) and gives back its
+    /// subscription, under the same lock as [`Session::enter`] and
+    /// [`Session::close`], so the reference is released exactly once.
+    pub async fn leave(&self, app: &App, s: &SocketRef, channel: Uuid) {
+        let _order = self.membership.lock().await;
+        self.revoke(s, channel);
+        let release = {
+            let mut c = self.channels();
+            !c.closed && c.revoked.remove(&channel)
+        };
+        if release {
+            app.subscriptions.release(&[channel]).await;
+        }
+    }
+
     /// Gives back everything the socket held. Idempotent.
     pub async fn close(&self, app: &App) {
         let _order = self.membership.lock().await;
@@ -112,7 +161,8 @@ impl Session {
                 return;
             }
             c.closed = true;
-            c.set.drain().collect()
+            let revoked: Vec<Uuid> = c.revoked.drain().collect();
+            c.set.drain().chain(revoked).collect()
         };
         app.subscriptions.release(&channels).await;
         app.count_socket(&self.ns, -1);

@@ -80,6 +80,15 @@ pub enum AddMember {
     AlreadyMember,
 }
 
+/// Result of removing a member (CONTRACT §3, §6).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RemoveMember {
+    Removed,
+    NotMember,
+    /// The owner, while the channel has other members: nothing removed.
+    OwnerWithMembers,
+}
+
 #[derive(Clone)]
 pub struct Store {
     db: DatabaseConnection,
@@ -316,6 +325,42 @@ impl Store {
         } else {
             AddMember::Added
         })
+    }
+
+    /// Removes `user_id` from the channel, unless they are its owner and
+    /// others remain (the channel would be left without anyone able to
+    /// manage it). Checked and deleted in one transaction.
+    pub async fn remove_member(
+        &self,
+        channel_id: Uuid,
+        owner_id: &str,
+        user_id: &str,
+    ) -> Result<RemoveMember, DbErr> {
+        let txn = self.db.begin().await?;
+        let member = channel_member::Entity::find_by_id((channel_id, user_id.to_string()))
+            .one(&txn)
+            .await?;
+        if member.is_none() {
+            txn.commit().await?;
+            return Ok(RemoveMember::NotMember);
+        }
+        if user_id == owner_id {
+            let others = channel_member::Entity::find()
+                .filter(channel_member::Column::ChannelId.eq(channel_id))
+                .filter(channel_member::Column::UserId.ne(user_id))
+                .limit(1)
+                .all(&txn)
+                .await?;
+            if !others.is_empty() {
+                txn.commit().await?;
+                return Ok(RemoveMember::OwnerWithMembers);
+            }
+        }
+        channel_member::Entity::delete_by_id((channel_id, user_id.to_string()))
+            .exec(&txn)
+            .await?;
+        txn.commit().await?;
+        Ok(RemoveMember::Removed)
     }
 
     /// One page of the caller's channels and the public ones, with unread
