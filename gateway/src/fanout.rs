@@ -9,7 +9,9 @@
 //! - the node topic: outcomes of this node's writes, to [`crate::pending`];
 //! - the membership topic: someone became a member somewhere; their
 //!   sockets here enter the room (in a task of its own: the dispatcher never
-//!   waits on Redis).
+//!   waits on Redis). Someone left or was removed: their sockets here are
+//!   revoked at once, in order with the channel's events
+//!   (`socket/membership.rs`), and give back their subscriptions later.
 //!
 //! It also completes the catch-up of recovering sockets
 //! ([`crate::recovery`]), in order with the live events.
