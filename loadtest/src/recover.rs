@@ -201,15 +201,19 @@ pub async fn run(args: RecoverArgs) -> anyhow::Result<Value> {
         s.close().await;
         drop(http);
 
+        // Tokens first: signing is the generator's cost, not the server's.
+        let auths: Vec<Value> = users
+            .iter()
+            .map(|u| minter.auth(u))
+            .collect::<anyhow::Result<_>>()?;
         eprintln!("{} sockets reconnecting with since…", users.len());
         let cpu0 = cpu_seconds(&args.gateway_pids);
         let started = Instant::now();
         let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(args.common.connect_concurrency));
         let mut tasks = Vec::with_capacity(users.len());
-        for (i, user) in users.iter().enumerate() {
+        for (i, auth) in auths.into_iter().enumerate() {
             let permit = sem.clone().acquire_owned().await?;
             let target = Target::seed_path(&targets[i % targets.len()]);
-            let auth = minter.auth(user)?;
             let since = json!({channel_of.get(i).cloned().unwrap_or_default(): 0});
             let ip = source_ip(&args.common, i);
             tasks.push(tokio::spawn(async move {
