@@ -67,7 +67,9 @@ async fn main() -> anyhow::Result<()> {
         Cmd::Serve => {
             switchboard_shared::telemetry::init_tracing("switchboard-gateway");
             let settings = Settings::from_env()?;
-            server::serve(settings).await
+            let served = server::serve(settings).await;
+            switchboard_shared::telemetry::shutdown_tracing();
+            served
         }
     }
 }

@@ -18,30 +18,108 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::Layer as _;
 
-/// Installs the global subscriber. Call once, first thing in `main`.
+/// The provider whose batch exporter [`shutdown_tracing`] flushes.
+static PROVIDER: std::sync::OnceLock<SdkTracerProvider> = std::sync::OnceLock::new();
+
+/// Spans exported over OTLP: ours down to `debug` (append, dedupe, insert,
+/// publish, emit), others from `info`. `OTEL_TRACES_FILTER` (an `EnvFilter`)
+/// replaces it.
+const OTEL_DEFAULT_FILTER: &str =
+    "info,switchboard_gateway=debug,switchboard_worker=debug,switchboard_shared=debug";
+
+/// True when the standard variables ask for an OTLP trace exporter.
+fn otlp_enabled() -> bool {
+    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
+    let disabled = std::env::var("OTEL_SDK_DISABLED").is_ok_and(|v| v.eq_ignore_ascii_case("true"));
+    let exporter_none = std::env::var("OTEL_TRACES_EXPORTER").is_ok_and(|v| v == "none");
+    !disabled
+        && !exporter_none
+        && (set("OTEL_EXPORTER_OTLP_ENDPOINT") || set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"))
+}
+
+/// The tracer provider: with an OTLP/HTTP batch exporter when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` (or `..._TRACES_ENDPOINT`) is set (protocol,
+/// headers, timeout and batching from the standard `OTEL_*` variables),
+/// without any exporter otherwise (spans are then only the carriers of the
+/// W3C context: no export, no cost).
+fn tracer_provider(service: &'static str) -> (SdkTracerProvider, bool) {
+    if !otlp_enabled() {
+        return (SdkTracerProvider::builder().build(), false);
+    }
+    let exporter = match opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .build()
+    {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("OTLP exporter not started ({e}); traces are not exported");
+            return (SdkTracerProvider::builder().build(), false);
+        }
+    };
+    let mut resource = opentelemetry_sdk::Resource::builder();
+    if std::env::var("OTEL_SERVICE_NAME").is_err() {
+        resource = resource.with_service_name(service);
+    }
+    let provider = SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource.build())
+        .build();
+    (provider, true)
+}
+
+/// Installs the global subscriber. Call once, first thing in `main`; call
+/// [`shutdown_tracing`] before exiting.
 pub fn init_tracing(service: &'static str) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let provider = SdkTracerProvider::builder().build();
+    let (provider, exporting) = tracer_provider(service);
     let tracer = provider.tracer(service);
-    opentelemetry::global::set_tracer_provider(provider);
-    let otel = tracing_opentelemetry::layer().with_tracer(tracer);
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    let _ = PROVIDER.set(provider);
+    // Without an exporter there is no OpenTelemetry layer at all (no cost;
+    // the spans of the message path are `debug`, below the usual log level).
+    // Exported spans have their own level filter, independent of the logs'.
+    let otel = exporting.then(|| {
+        let otel_filter = std::env::var("OTEL_TRACES_FILTER")
+            .ok()
+            .and_then(|f| EnvFilter::try_new(f).ok())
+            .unwrap_or_else(|| EnvFilter::new(OTEL_DEFAULT_FILTER));
+        tracing_opentelemetry::layer()
+            .with_tracer(tracer)
+            .with_filter(otel_filter)
+    });
     let json = std::env::var("LOG_FORMAT")
         .map(|v| v == "json")
         .unwrap_or(false);
-    let registry = tracing_subscriber::registry().with(filter).with(otel);
+    let registry = tracing_subscriber::registry().with(otel);
     if json {
         registry
             .with(
                 tracing_subscriber::fmt::layer()
                     .json()
-                    .with_writer(std::io::stderr),
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
             )
             .init();
     } else {
         registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_filter(filter),
+            )
             .init();
+    }
+    if exporting {
+        tracing::info!("exporting traces over OTLP");
+    }
+}
+
+/// Flushes and stops the trace exporter (a no-op without one).
+pub fn shutdown_tracing() {
+    if let Some(p) = PROVIDER.get() {
+        let _ = p.shutdown();
     }
 }
 

@@ -14,6 +14,7 @@ pub mod processor;
 
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use backon::{BackoffBuilder, ExponentialBuilder};
 use bytes::Bytes;
@@ -208,10 +209,12 @@ impl Worker {
             }
             metrics::histogram!("worker_batch_entries").record(entries.len() as f64);
             let started = std::time::Instant::now();
-            let result = {
-                let _enter = span.enter();
-                self.processor.process(entries.clone(), seqs).await
-            };
+            // Instrumented, not entered: the future may resume on another thread.
+            let result = self
+                .processor
+                .process(entries.clone(), seqs)
+                .instrument(span)
+                .await;
             metrics::histogram!("worker_batch_duration_seconds")
                 .record(started.elapsed().as_secs_f64());
             match result {

@@ -93,6 +93,7 @@ async fn main() -> anyhow::Result<()> {
                 stop.cancel();
             });
             worker.run(cancel).await;
+            switchboard_shared::telemetry::shutdown_tracing();
             Ok(())
         }
     }

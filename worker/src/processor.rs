@@ -21,6 +21,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use tracing::Instrument as _;
 
 use bytes::Bytes;
 use chrono::Utc;
@@ -232,6 +233,7 @@ impl Processor {
         let results = self
             .bus
             .claim_dedupe(&claims, processing_ttl)
+            .instrument(tracing::debug_span!("dedupe", keys = claims.len()))
             .await
             .map_err(|e| transient(&e))?;
         let mut results = results.into_iter();
@@ -347,7 +349,11 @@ impl Processor {
             *next += 1;
         }
         let insert_started = std::time::Instant::now();
-        let inserted = self.store.insert_messages(&new_rows).await;
+        let inserted = self
+            .store
+            .insert_messages(&new_rows)
+            .instrument(tracing::debug_span!("insert", rows = new_rows.len()))
+            .await;
         metrics::histogram!("worker_insert_duration_seconds")
             .record(insert_started.elapsed().as_secs_f64());
         if let Err(e) = inserted {
@@ -445,6 +451,7 @@ impl Processor {
                 settle_delete: settle_del,
                 acks,
             })
+            .instrument(tracing::debug_span!("publish_settle_ack"))
             .await
             .map_err(|e| transient(&e))?;
         metrics::counter!("worker_messages_persisted_total").increment(new_rows.len() as u64);

@@ -11,6 +11,7 @@ use switchboard_shared::protocol::{
     self, events, iso, Author, Command, DeliveryStatus, MessageDelivered, MessageFailed,
     SendMessage,
 };
+use tracing::Instrument as _;
 use uuid::Uuid;
 
 use super::inbox::Inbound;
@@ -114,6 +115,8 @@ struct Prepared {
     temp_id: Option<String>,
     partition: u32,
     bytes: Bytes,
+    /// The message's trace root (its context travels in the stream entry).
+    span: tracing::Span,
 }
 
 /// Validates one `message:send` and builds its stream entry; answers the
@@ -151,22 +154,26 @@ async fn prepare(
     }
 
     let id = Uuid::now_v7();
-    let envelope = super::envelope(
-        app,
-        s,
-        Command::SendMessage(SendMessage {
-            id,
-            channel_id: draft.channel_id,
-            author: Author {
-                id: session.user.id.clone(),
-                name: session.user.name.clone(),
-                image_url: session.user.image_url.clone(),
-            },
-            content: draft.content,
-            temp_id: draft.temp_id.clone(),
-            reply_to_id: draft.reply_to_id,
-        }),
-    );
+    let span =
+        tracing::debug_span!("message:send", message_id = %id, channel_id = %draft.channel_id);
+    let envelope = span.in_scope(|| {
+        super::envelope(
+            app,
+            s,
+            Command::SendMessage(SendMessage {
+                id,
+                channel_id: draft.channel_id,
+                author: Author {
+                    id: session.user.id.clone(),
+                    name: session.user.name.clone(),
+                    image_url: session.user.image_url.clone(),
+                },
+                content: draft.content,
+                temp_id: draft.temp_id.clone(),
+                reply_to_id: draft.reply_to_id,
+            }),
+        )
+    });
     let bytes = match protocol::encode(&envelope) {
         Ok(b) => Bytes::from(b),
         Err(e) => {
@@ -192,6 +199,7 @@ async fn prepare(
         temp_id: draft.temp_id,
         partition: partition_of(&draft.channel_id, app.settings.stream_partitions),
         bytes,
+        span,
     })
 }
 
@@ -207,6 +215,9 @@ pub async fn send_batch(app: &App, s: &SocketRef, session: &Session, batch: Vec<
     if prepared.is_empty() {
         return;
     }
+    // One round trip for the batch: traced under the first message.
+    let append =
+        tracing::debug_span!(parent: &prepared[0].span, "stream.append", entries = prepared.len());
     let results = app
         .bus
         .append_many(
@@ -215,6 +226,7 @@ pub async fn send_batch(app: &App, s: &SocketRef, session: &Session, batch: Vec<
                 .map(|p| (p.partition, p.bytes.clone()))
                 .collect(),
         )
+        .instrument(append)
         .await;
     for (p, result) in prepared.into_iter().zip(results) {
         match result {
