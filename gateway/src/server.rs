@@ -71,6 +71,15 @@ fn ws_limit(max_payload_bytes: u64) -> usize {
 
 pub async fn serve(mut settings: Settings) -> anyhow::Result<()> {
     let metrics = switchboard_shared::telemetry::init_metrics()?;
+    // Exported from the start: dashboards and alerts see 0, not "no data".
+    metrics::counter!("gateway_messages_failed_total").increment(0);
+    metrics::counter!("gateway_outcomes_timed_out_total").increment(0);
+    for result in ["accepted", "refused"] {
+        metrics::counter!("gateway_handshakes_total", "result" => result).increment(0);
+    }
+    for reason in ["missing", "expired", "bad_signature", "invalid"] {
+        metrics::counter!("gateway_auth_failures_total", "reason" => reason).increment(0);
+    }
     let backends = Backends::connect(&settings).await?;
     if backends.embedded {
         crate::embedded::prepare(&mut settings)?;

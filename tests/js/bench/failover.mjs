@@ -26,7 +26,7 @@ async function run(signal) {
   const cluster = await startCluster({
     gateways: 2,
     workers: 2,
-    env: { LEASE_TTL_MS: '2000', STREAM_PARTITIONS: '16', RUST_LOG: process.env.BENCH_LOG || 'warn' },
+    env: { LEASE_TTL_MS: '2000', STREAM_PARTITIONS: '16', RATE_MESSAGES_PER_S: '0', RUST_LOG: process.env.BENCH_LOG || 'warn' },
   });
   try {
     const senders = [];
