@@ -79,6 +79,12 @@ fn default_max_reaction_type() -> usize {
 fn default_rest_body_limit() -> usize {
     1_048_576
 }
+fn default_rate_messages_per_s() -> f64 {
+    10.0
+}
+fn default_rate_messages_burst() -> f64 {
+    20.0
+}
 fn default_dedupe_ttl() -> u64 {
     86_400
 }
@@ -237,6 +243,13 @@ pub struct Settings {
     /// it an event is refused at once with an error (back-pressure).
     #[serde(default = "default_inbox")]
     pub socket_inbox_capacity: usize,
+    /// `message:send` per user and second, cluster-wide (token bucket
+    /// refill rate, CONTRACT §10); 0 turns the limit off.
+    #[serde(default = "default_rate_messages_per_s")]
+    pub rate_messages_per_s: f64,
+    /// Sends a user may make at once before `RATE_MESSAGES_PER_S` applies.
+    #[serde(default = "default_rate_messages_burst")]
+    pub rate_messages_burst: f64,
 
     /// Seconds a delivered `tempId` is remembered.
     #[serde(default = "default_dedupe_ttl")]
@@ -331,9 +344,30 @@ impl Settings {
             self.outcome_timeout_ms >= 1000,
             "OUTCOME_TIMEOUT_MS must be at least 1000"
         );
+        anyhow::ensure!(
+            self.rate_messages_per_s >= 0.0 && self.rate_messages_per_s.is_finite(),
+            "RATE_MESSAGES_PER_S must be a number >= 0"
+        );
+        anyhow::ensure!(
+            self.rate_messages_per_s == 0.0 || self.rate_messages_burst >= 1.0,
+            "RATE_MESSAGES_BURST must be at least 1"
+        );
         self.trusted_proxies()?;
         self.mode()?;
         Ok(())
+    }
+
+    /// The `message:send` bucket of `user_id`, `None` when the limit is off.
+    pub fn message_rate_limit(
+        &self,
+        topics: &crate::bus::Topics,
+        user_id: &str,
+    ) -> Option<crate::bus::RateLimit> {
+        (self.rate_messages_per_s > 0.0).then(|| crate::bus::RateLimit {
+            key: topics.rate("messages", user_id),
+            per_s: self.rate_messages_per_s,
+            burst: self.rate_messages_burst.max(1.0),
+        })
     }
 
     /// The backend mode; only one of the two URLs set is a configuration error.

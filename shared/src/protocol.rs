@@ -117,6 +117,9 @@ pub struct MessageFailed {
     pub status: DeliveryStatus,
     pub processed: bool,
     pub timestamp: String,
+    /// Set when the send was refused by the rate limit (CONTRACT §10).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub retry_after_ms: Option<u64>,
 }
 
 impl MessageFailed {
@@ -127,6 +130,7 @@ impl MessageFailed {
             status: DeliveryStatus::Failed,
             processed: true,
             timestamp: iso(Utc::now()),
+            retry_after_ms: None,
         }
     }
 }

@@ -108,6 +108,23 @@ fn fail(s: &SocketRef, ack: AckSender, error: &str, temp_id: Option<String>) {
     let _ = ack.send(&serde_json::json!({"status": "FAILED", "error": error}));
 }
 
+/// `message:failed {error: "Rate limit exceeded", retryAfterMs, …}` and the
+/// same to the acknowledgement (CONTRACT §10).
+fn rate_limited(s: &SocketRef, ack: AckSender, retry_after_ms: u64, temp_id: Option<String>) {
+    metrics::counter!("gateway_messages_failed_total").increment(1);
+    let mut failed = MessageFailed::new(RATE_LIMITED, temp_id);
+    failed.retry_after_ms = Some(retry_after_ms);
+    let _ = s.emit(events::MESSAGE_FAILED, &failed);
+    let _ = ack.send(&serde_json::json!({
+        "status": "FAILED",
+        "error": RATE_LIMITED,
+        "retryAfterMs": retry_after_ms,
+    }));
+}
+
+/// The error of a write refused by a rate limit.
+pub const RATE_LIMITED: &str = "Rate limit exceeded";
+
 /// A `message:send` that passed validation, registered as pending, ready
 /// to be appended.
 struct Prepared {
@@ -218,13 +235,19 @@ pub async fn send_batch(app: &App, s: &SocketRef, session: &Session, batch: Vec<
     // One round trip for the batch: traced under the first message.
     let append =
         tracing::debug_span!(parent: &prepared[0].span, "stream.append", entries = prepared.len());
+    // The sender's token bucket is checked inside the same append script
+    // (CONTRACT §10): rate limiting costs no extra round trip.
+    let limit = app
+        .settings
+        .message_rate_limit(&app.topics, &session.user.id);
     let results = app
         .bus
-        .append_many(
+        .append_many_limited(
             prepared
                 .iter()
                 .map(|p| (p.partition, p.bytes.clone()))
                 .collect(),
+            limit,
         )
         .instrument(append)
         .await;
@@ -243,6 +266,12 @@ pub async fn send_batch(app: &App, s: &SocketRef, session: &Session, batch: Vec<
                     },
                 );
                 app.pending.mark_sent(&p.id);
+            }
+            Err(BusError::RateLimited { retry_after_ms }) => {
+                metrics::counter!("gateway_rate_limited_total", "area" => "messages").increment(1);
+                if let Some(ack) = app.pending.abort(&p.id) {
+                    rate_limited(s, ack, retry_after_ms, p.temp_id);
+                }
             }
             Err(e) => {
                 let error = match e {

@@ -158,6 +158,9 @@ impl Cluster {
             ("AUTH_DEV_SECRET".into(), SECRET.into()),
             ("STREAM_PARTITIONS".into(), "4".into()),
             ("LEASE_TTL_MS".into(), "1500".into()),
+            // Tests send bursts far above the contract's per-user rate; the
+            // rate-limit tests turn it back on through `opts.env`.
+            ("RATE_MESSAGES_PER_S".into(), "0".into()),
             (
                 "RUST_LOG".into(),
                 "warn,switchboard_worker=info,switchboard_gateway=info".into(),

@@ -12,7 +12,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use tokio::sync::{broadcast, Notify};
 
-use super::{Bus, BusError, BusResult, DedupeClaim, PartitionBatch, StreamEntry, TopicMessage};
+use super::{
+    Bus, BusError, BusResult, DedupeClaim, PartitionBatch, RateLimit, StreamEntry, TopicMessage,
+};
 
 #[derive(Default)]
 struct Partition {
@@ -35,6 +37,8 @@ struct State {
     workers: HashMap<String, Instant>,
     keys: HashMap<String, (String, Instant)>,
     counters: HashMap<String, (u64, Instant)>,
+    /// Token buckets: level and when it was last taken from.
+    buckets: HashMap<String, (f64, Instant)>,
     subscribed: HashSet<String>,
     inserts_since_sweep: usize,
 }
@@ -49,6 +53,23 @@ impl State {
         let now = Instant::now();
         self.keys.retain(|_, (_, exp)| *exp > now);
         self.counters.retain(|_, (_, exp)| *exp > now);
+        // A bucket idle for a minute is full again at any sane rate.
+        self.buckets
+            .retain(|_, (_, last)| now.duration_since(*last) < Duration::from_secs(60));
+    }
+
+    /// Takes a token from `limit`'s bucket (see `RateLimit::take`).
+    fn take_token(&mut self, limit: &RateLimit) -> Result<(), u64> {
+        let now = Instant::now();
+        let (tokens, last) = self
+            .buckets
+            .get(&limit.key)
+            .copied()
+            .unwrap_or((limit.burst, now));
+        let elapsed = now.duration_since(last).as_secs_f64() * 1000.0;
+        let level = limit.take(tokens, 0.0, elapsed)?;
+        self.buckets.insert(limit.key.clone(), (level, now));
+        Ok(())
     }
 
     fn live_key(&mut self, key: &str) -> Option<&String> {
@@ -146,6 +167,51 @@ impl Bus for MemoryBus {
         };
         self.appended.notify_waiters();
         Ok(id)
+    }
+
+    async fn append_many_limited(
+        &self,
+        entries: Vec<(u32, Bytes)>,
+        limit: Option<RateLimit>,
+    ) -> Vec<BusResult<String>> {
+        let Some(limit) = limit else {
+            return self.append_many(entries).await;
+        };
+        let mut out = Vec::with_capacity(entries.len());
+        for (partition, payload) in entries {
+            // The bucket is checked, and a full partition takes no token, as
+            // in the Redis script; one lock, so nothing interleaves.
+            let res = {
+                let mut state = self.lock();
+                let full = state
+                    .partitions
+                    .get(&partition)
+                    .map(|p| p.entries.len() as u64 >= self.max_len)
+                    .unwrap_or(false);
+                let bucket = {
+                    let saved = state.buckets.get(&limit.key).copied();
+                    let taken = state.take_token(&limit);
+                    if full {
+                        // Give the token back.
+                        match saved {
+                            Some(v) => state.buckets.insert(limit.key.clone(), v),
+                            None => state.buckets.remove(&limit.key),
+                        };
+                    }
+                    taken
+                };
+                match bucket {
+                    Err(ms) => Err(BusError::RateLimited { retry_after_ms: ms }),
+                    Ok(()) if full => Err(BusError::Full),
+                    Ok(()) => Ok(()),
+                }
+            };
+            out.push(match res {
+                Ok(()) => self.append(partition, payload).await,
+                Err(e) => Err(e),
+            });
+        }
+        out
     }
 
     async fn read(

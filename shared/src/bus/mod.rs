@@ -29,6 +29,40 @@ pub enum BusError {
     /// The backend answered something we do not understand.
     #[error("unexpected reply from the message queue: {0}")]
     Protocol(String),
+    /// The sender's token bucket is empty (CONTRACT §10); nothing appended.
+    #[error("rate limit exceeded, retry after {retry_after_ms} ms")]
+    RateLimited { retry_after_ms: u64 },
+}
+
+/// A token bucket checked in the same atomic step as an append, so that
+/// rate limiting `message:send` costs no extra round trip (CONTRACT §10).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RateLimit {
+    /// The bucket's key ([`Topics::rate`]).
+    pub key: String,
+    /// Tokens added per second (> 0).
+    pub per_s: f64,
+    /// Capacity of the bucket (at least 1).
+    pub burst: f64,
+}
+
+impl RateLimit {
+    /// Takes one token from a bucket holding `tokens` at `last_ms`, refilled
+    /// up to `now_ms`: the new level, or the milliseconds until a token is
+    /// there. The one formula of both backends (the Lua script mirrors it).
+    pub fn take(&self, tokens: f64, last_ms: f64, now_ms: f64) -> Result<f64, u64> {
+        let level = (tokens + (now_ms - last_ms).max(0.0) * self.per_s / 1000.0).min(self.burst);
+        if level < 1.0 {
+            Err(((1.0 - level) * 1000.0 / self.per_s).ceil().max(1.0) as u64)
+        } else {
+            Ok(level - 1.0)
+        }
+    }
+
+    /// How long an idle bucket is kept: until it is full again.
+    pub fn idle_ttl_ms(&self) -> u64 {
+        (self.burst * 1000.0 / self.per_s).ceil() as u64 + 1000
+    }
 }
 
 pub type BusResult<T> = Result<T, BusError>;
@@ -132,6 +166,10 @@ impl Topics {
     pub fn counter(&self, key: &str) -> String {
         format!("{}:count:{}", self.prefix, key)
     }
+    /// A user's token bucket of one rate-limited area (`messages`, …).
+    pub fn rate(&self, area: &str, user_id: &str) -> String {
+        format!("{}:rate:{}:{}", self.prefix, area, user_id)
+    }
 }
 
 /// The partition of a channel: stable for a given partition count, so one
@@ -163,6 +201,17 @@ pub trait Bus: Send + Sync + 'static {
         }
         out
     }
+
+    /// Like [`Bus::append_many`], each entry first taking a token from
+    /// `limit` in the same atomic step (and round trip) as its append: an
+    /// entry whose bucket is empty fails with [`BusError::RateLimited`], one
+    /// refused as [`BusError::Full`] takes no token. Both backends implement
+    /// it; there is deliberately no default that would skip the limit.
+    async fn append_many_limited(
+        &self,
+        entries: Vec<(u32, Bytes)>,
+        limit: Option<RateLimit>,
+    ) -> Vec<BusResult<String>>;
 
     /// Reads new entries of the given partitions for `consumer`, waiting up
     /// to `block` when there are none.

@@ -24,8 +24,8 @@ use fred::types::CustomCommand;
 use tokio::sync::broadcast;
 
 use super::{
-    BatchEnd, Bus, BusError, BusResult, DedupeClaim, PartitionBatch, StreamEntry, TopicMessage,
-    Topics,
+    BatchEnd, Bus, BusError, BusResult, DedupeClaim, PartitionBatch, RateLimit, StreamEntry,
+    TopicMessage, Topics,
 };
 
 /// Consumer group of the workers on every partition stream.
@@ -33,8 +33,36 @@ const GROUP: &str = "workers";
 
 /// Appends unless the partition already holds `ARGV[1]` entries. Entries are
 /// deleted once acknowledged, so the length is the unacknowledged backlog.
+///
+/// With a second key, that key is the sender's token bucket (CONTRACT §10,
+/// `RateLimit::take` is the same formula): ARGV[3] tokens per second,
+/// ARGV[4] burst, ARGV[5] idle TTL in ms. An empty bucket answers
+/// `rl:<retry after ms>` (a stream id never starts with `r`), and a full
+/// stream takes no token: the check costs no extra round trip.
 const APPEND_LUA: &str = r#"
+local bucket
+if #KEYS > 1 then
+  if redis.replicate_commands then redis.replicate_commands() end
+  local rate = tonumber(ARGV[3])
+  local burst = tonumber(ARGV[4])
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local b = redis.call('HMGET', KEYS[2], 't', 'ts')
+  local tokens = tonumber(b[1]) or burst
+  local last = tonumber(b[2]) or now
+  local elapsed = now - last
+  if elapsed < 0 then elapsed = 0 end
+  tokens = math.min(burst, tokens + elapsed * rate / 1000)
+  if tokens < 1 then
+    return 'rl:' .. math.max(1, math.ceil((1 - tokens) * 1000 / rate))
+  end
+  bucket = {tokens - 1, now}
+end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
+if bucket then
+  redis.call('HSET', KEYS[2], 't', tostring(bucket[1]), 'ts', bucket[2])
+  redis.call('PEXPIRE', KEYS[2], ARGV[5])
+end
 return redis.call('XADD', KEYS[1], '*', 'p', ARGV[2])
 "#;
 
@@ -166,6 +194,10 @@ struct Scripts {
 pub struct RedisBus {
     topics: Topics,
     max_len: u64,
+    /// On a Redis Cluster a script's keys must share a slot: a token bucket
+    /// then lives next to the stream it guards (one bucket per user and
+    /// partition, see [`RedisBus::bucket_key`]).
+    clustered: bool,
     cmd: Client,
     reader: Client,
     subscriber: SubscriberClient,
@@ -185,6 +217,7 @@ impl RedisBus {
     /// re-subscription tasks.
     pub async fn connect(url: &str, prefix: &str, max_len: u64) -> anyhow::Result<Self> {
         let config = Config::from_url(url)?;
+        let clustered = config.server.is_clustered();
         let mut builder = Builder::from_config(config);
         builder
             .set_policy(ReconnectPolicy::new_exponential(0, 100, 2_000, 2))
@@ -211,6 +244,7 @@ impl RedisBus {
         Ok(Self {
             topics: Topics::new(prefix),
             max_len,
+            clustered,
             cmd,
             reader,
             subscriber,
@@ -236,6 +270,75 @@ impl RedisBus {
                 ..Default::default()
             },
         })
+    }
+
+    /// The key of a bucket checked with an append to `stream`: on a Redis
+    /// Cluster, hash-tagged with the stream's name so both share a slot.
+    fn bucket_key(&self, limit: &RateLimit, stream: &str) -> String {
+        if self.clustered {
+            format!("{}:{{{}}}", limit.key, stream)
+        } else {
+            limit.key.clone()
+        }
+    }
+
+    /// Appends `entries` in one pipeline of `APPEND_LUA` calls, each with the
+    /// bucket of `limit` when given; reloads the script once on `NOSCRIPT`.
+    async fn append_pipelined(
+        &self,
+        entries: Vec<(u32, Bytes)>,
+        limit: Option<&RateLimit>,
+    ) -> Vec<BusResult<String>> {
+        let run = |entries: Vec<(u32, Bytes)>| async move {
+            let pipeline = self.cmd.pipeline();
+            let evalsha = CustomCommand::new_static("EVALSHA", None, false);
+            for (partition, payload) in entries {
+                let stream = self.topics.stream(partition);
+                let mut args = vec![Value::from(self.scripts.append.sha1().clone())];
+                match limit {
+                    Some(l) => {
+                        let bucket = self.bucket_key(l, &stream);
+                        args.extend([Value::from(2i64), Value::from(stream), Value::from(bucket)]);
+                    }
+                    None => args.extend([Value::from(1i64), Value::from(stream)]),
+                }
+                args.extend([Value::from(self.max_len as i64), Value::Bytes(payload)]);
+                if let Some(l) = limit {
+                    args.extend([
+                        Value::from(l.per_s.to_string()),
+                        Value::from(l.burst.to_string()),
+                        Value::from(l.idle_ttl_ms() as i64),
+                    ]);
+                }
+                let _: Result<(), _> = pipeline.custom(evalsha.clone(), args).await;
+            }
+            pipeline.try_all::<Option<String>>().await
+        };
+        let mut results = run(entries.clone()).await;
+        if results
+            .iter()
+            .any(|r| matches!(r, Err(e) if e.details().contains("NOSCRIPT")))
+        {
+            // Redis restarted and forgot the script: load it and run again
+            // (the entries were refused, not appended).
+            if let Err(e) = self.scripts.append.load(&self.cmd).await {
+                return entries.iter().map(|_| Err(unavailable(&e))).collect();
+            }
+            results = run(entries).await;
+        }
+        results
+            .into_iter()
+            .map(|r| match r {
+                Ok(Some(reply)) => match reply.strip_prefix("rl:") {
+                    Some(ms) => Err(BusError::RateLimited {
+                        retry_after_ms: ms.parse().unwrap_or(1000),
+                    }),
+                    None => Ok(reply),
+                },
+                Ok(None) => Err(BusError::Full),
+                Err(e) => Err(unavailable(e)),
+            })
+            .collect()
     }
 
     async fn ensure_group(&self, partition: u32) -> BusResult<()> {
@@ -471,41 +574,18 @@ impl Bus for RedisBus {
             }
             return out;
         }
-        let run = |entries: Vec<(u32, Bytes)>| async move {
-            let pipeline = self.cmd.pipeline();
-            let evalsha = CustomCommand::new_static("EVALSHA", None, false);
-            for (partition, payload) in entries {
-                let args = vec![
-                    Value::from(self.scripts.append.sha1().clone()),
-                    Value::from(1i64),
-                    Value::from(self.topics.stream(partition)),
-                    Value::from(self.max_len as i64),
-                    Value::Bytes(payload),
-                ];
-                let _: Result<(), _> = pipeline.custom(evalsha.clone(), args).await;
-            }
-            pipeline.try_all::<Option<String>>().await
-        };
-        let mut results = run(entries.clone()).await;
-        if results
-            .iter()
-            .any(|r| matches!(r, Err(e) if e.details().contains("NOSCRIPT")))
-        {
-            // Redis restarted and forgot the script: load it and run again
-            // (the entries were refused, not appended).
-            if let Err(e) = self.scripts.append.load(&self.cmd).await {
-                return entries.iter().map(|_| Err(unavailable(&e))).collect();
-            }
-            results = run(entries).await;
+        self.append_pipelined(entries, None).await
+    }
+
+    async fn append_many_limited(
+        &self,
+        entries: Vec<(u32, Bytes)>,
+        limit: Option<RateLimit>,
+    ) -> Vec<BusResult<String>> {
+        match limit {
+            None => self.append_many(entries).await,
+            Some(l) => self.append_pipelined(entries, Some(&l)).await,
         }
-        results
-            .into_iter()
-            .map(|r| match r {
-                Ok(Some(id)) => Ok(id),
-                Ok(None) => Err(BusError::Full),
-                Err(e) => Err(unavailable(e)),
-            })
-            .collect()
     }
 
     async fn read(
