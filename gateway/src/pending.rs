@@ -51,6 +51,8 @@ struct Entry {
     sent: bool,
     early: Option<OutcomeResult>,
     accepted_at: Instant,
+    /// The write's trace (`message:send`): the answer is traced under it.
+    span: tracing::Span,
 }
 
 #[derive(Default)]
@@ -79,8 +81,16 @@ impl Pending {
                 sent,
                 early: None,
                 accepted_at: Instant::now(),
+                span: tracing::Span::none(),
             },
         );
+    }
+
+    /// Attaches the write's trace span, so that its answer continues it.
+    pub fn set_span(&self, id: &Uuid, span: tracing::Span) {
+        if let Some(mut e) = self.entries.get_mut(id) {
+            e.span = span;
+        }
     }
 
     /// The append failed: forget the write and hand back its ack sender.
@@ -124,8 +134,13 @@ impl Pending {
             .record(entry.accepted_at.elapsed().as_secs_f64());
         let now = iso(chrono::Utc::now());
         let Entry {
-            kind, socket, ack, ..
+            kind,
+            socket,
+            ack,
+            span,
+            ..
         } = entry;
+        let _deliver = tracing::debug_span!(parent: &span, "deliver").entered();
         let reply = |body: serde_json::Value| {
             if let Some(ack) = ack {
                 let _ = ack.send(&body);

@@ -211,6 +211,7 @@ async fn prepare(
         s.clone(),
         Some(ack),
     );
+    app.pending.set_span(&id, span.clone());
     Some(Prepared {
         id,
         temp_id: draft.temp_id,

@@ -50,7 +50,7 @@ const sb = useCluster({
 before(async () => { await sb.ready; });
 after(() => new Promise((resolve) => receiver.close(resolve)));
 
-test('one message:send is one trace: gateway append, worker dedupe/insert/publish', { timeout: 60_000 }, async () => {
+test('one message:send is one trace: gateway append, worker dedupe/insert/publish, gateway deliver', { timeout: 60_000 }, async () => {
   const user = uid('otel');
   const channel = await createChannel(sb.url(0), user, `otel-${randomHex(3)}`, false);
   const socket = await connectUser(sb.url(0), user);
@@ -64,9 +64,10 @@ test('one message:send is one trace: gateway append, worker dedupe/insert/publis
   assert.match(traceId, /^[0-9a-f]{32}$/);
   const want = MODE === 'cluster'
     ? ['message:send@switchboard-gateway', 'stream.append@switchboard-gateway', 'process_batch@switchboard-worker',
-      'dedupe@switchboard-worker', 'insert@switchboard-worker', 'publish_settle_ack@switchboard-worker']
+      'dedupe@switchboard-worker', 'insert@switchboard-worker', 'publish_settle_ack@switchboard-worker',
+      'deliver@switchboard-gateway']
     : ['message:send@switchboard-gateway', 'stream.append@switchboard-gateway', 'process_batch@switchboard-gateway',
-      'insert@switchboard-gateway'];
+      'insert@switchboard-gateway', 'deliver@switchboard-gateway'];
   const have = () => new Set(spans.filter((s) => s.traceId === traceId).map((s) => `${s.name}@${s.service}`));
   await waitUntil(() => want.every((w) => have().has(w)), 15_000,
     () => `trace ${traceId} has ${[...have()]}; want ${want}`);
