@@ -18,12 +18,13 @@ use crate::socket::membership;
 use crate::socket::messages::storable;
 use crate::state::App;
 
-/// A JSON error `{error}` with its status.
-pub struct ApiError(StatusCode, String);
+/// A JSON error `{error}` with its status (and `Retry-After`, in seconds,
+/// for a 429).
+pub struct ApiError(StatusCode, String, Option<u64>);
 
 impl ApiError {
     fn new(status: StatusCode, msg: impl Into<String>) -> Self {
-        Self(status, msg.into())
+        Self(status, msg.into(), None)
     }
     fn internal(e: impl std::fmt::Display) -> Self {
         tracing::warn!(error = %e, "REST request failed on a backend");
@@ -36,7 +37,43 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.0, Json(json!({"error": self.1}))).into_response()
+        match self.2 {
+            None => (self.0, Json(json!({"error": self.1}))).into_response(),
+            Some(ms) => (
+                self.0,
+                [(header::RETRY_AFTER, ms.div_ceil(1000).max(1).to_string())],
+                Json(json!({"error": self.1, "retryAfterMs": ms})),
+            )
+                .into_response(),
+        }
+    }
+}
+
+/// Takes a token of the caller's REST-writes bucket (CONTRACT §10): 429
+/// with `Retry-After` when it is empty. A bucket that cannot be read lets
+/// the request through (the write then meets the backend on its own).
+async fn rest_rate(app: &App, caller: &Identity) -> Result<(), ApiError> {
+    let Some(limit) = app.settings.rate_limit(
+        switchboard_shared::config::RateArea::Rest,
+        &app.topics,
+        &caller.id,
+    ) else {
+        return Ok(());
+    };
+    match app.bus.take_token(&limit).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(ms)) => {
+            metrics::counter!("gateway_rate_limited_total", "area" => "rest").increment(1);
+            Err(ApiError(
+                StatusCode::TOO_MANY_REQUESTS,
+                crate::socket::messages::RATE_LIMITED.to_string(),
+                Some(ms),
+            ))
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "rate limit unavailable; request let through");
+            Ok(())
+        }
     }
 }
 
@@ -182,6 +219,7 @@ async fn create_channel(
     Caller(caller): Caller,
     body: Result<Json<NewChannel>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    rest_rate(&app, &caller).await?;
     let Json(body) = body?;
     let name = body
         .name
@@ -288,6 +326,7 @@ async fn remove_member(
     Caller(caller): Caller,
     Path((id, user_id)): Path<(String, String)>,
 ) -> Result<Response, ApiError> {
+    rest_rate(&app, &caller).await?;
     let channel_id = parse_channel_id(&id)?;
     let channel = app
         .store
@@ -324,6 +363,7 @@ async fn add_member(
     Path(id): Path<String>,
     body: Result<Json<NewMember>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    rest_rate(&app, &caller).await?;
     let channel_id = parse_channel_id(&id)?;
     let Json(body) = body?;
     let user_id = body

@@ -110,3 +110,118 @@ async fn the_limit_holds_across_two_gateways() {
         "one bucket for the user across nodes: accepted {accepted} of 30"
     );
 }
+
+fn all_areas() -> ClusterOptions {
+    let mut o = limited();
+    for (k, v) in [
+        ("RATE_REACTIONS_PER_S", "20"),
+        ("RATE_REACTIONS_BURST", "40"),
+        ("RATE_CHANNELS_PER_S", "5"),
+        ("RATE_CHANNELS_BURST", "10"),
+        ("RATE_REST_PER_S", "10"),
+        ("RATE_REST_BURST", "20"),
+    ] {
+        o.env.push((k.into(), v.into()));
+    }
+    o
+}
+
+/// The other areas with the contract's defaults: `channel:*` 5/s burst 10,
+/// `message:read`/`reaction:*` 20/s burst 40, REST writes 10/s burst 20.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_area_has_its_bucket() {
+    let c = Cluster::start(all_areas()).await;
+    let ch = c.channel("areas", &[]).await;
+    let mut s = c.connect(0, "areas").await;
+
+    // channel:sync, answered one by one.
+    let mut ok = 0;
+    let mut limited = Vec::new();
+    for _ in 0..15 {
+        let a = s
+            .call("channel:sync", &json!({"channelId": ch, "afterSeq": 0}), T)
+            .await
+            .expect("ack");
+        if a["ok"] == true {
+            ok += 1;
+        } else {
+            assert_eq!(a["error"], "Rate limit exceeded", "{a}");
+            assert!(a["retryAfterMs"].as_u64().unwrap_or(0) > 0, "{a}");
+            limited.push(a);
+        }
+    }
+    assert!((10..=11).contains(&ok), "channel:sync accepted {ok} of 15");
+    let err = s
+        .wait_for("channel:error", |d| d["error"] == "Rate limit exceeded", T)
+        .await
+        .expect("channel:error");
+    assert_eq!(err["channelId"], ch.as_str());
+    assert!(err["retryAfterMs"].as_u64().unwrap_or(0) > 0);
+
+    // message:read, pipelined (for an unknown message: the limit comes first).
+    let bogus = uuid::Uuid::now_v7().to_string();
+    for _ in 0..45 {
+        s.emit("message:read", &json!({"messageId": bogus}))
+            .await
+            .expect("emit");
+    }
+    let mut errors = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while errors.len() < 45 && Instant::now() < deadline {
+        if let Some(e) = s.next(Duration::from_millis(100)).await {
+            if e.name == "message:error" {
+                errors.push(e.data);
+            }
+        }
+    }
+    assert_eq!(errors.len(), 45, "every read answered");
+    let rate_limited = errors
+        .iter()
+        .filter(|e| e["error"] == "Rate limit exceeded")
+        .inspect(|e| {
+            assert_eq!(e["messageId"], bogus.as_str());
+            assert!(e["retryAfterMs"].as_u64().unwrap_or(0) > 0);
+        })
+        .count();
+    assert!(
+        (4..=5).contains(&rate_limited),
+        "message:read refused {rate_limited} of 45"
+    );
+
+    // REST writes: 429 with Retry-After.
+    let client = reqwest::Client::new();
+    let mut created = 0;
+    let mut refused = None;
+    for i in 0..25 {
+        let r = client
+            .post(format!("{}/api/channels", c.urls[1]))
+            .bearer_auth(c.token("rester"))
+            .json(&json!({"name": format!("c{i}")}))
+            .send()
+            .await
+            .expect("post");
+        match r.status().as_u16() {
+            201 => created += 1,
+            429 => {
+                let retry = r
+                    .headers()
+                    .get("retry-after")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .expect("Retry-After");
+                assert!(retry >= 1);
+                let body: Value = r.json().await.unwrap_or_default();
+                assert_eq!(body["error"], "Rate limit exceeded");
+                refused.get_or_insert(body);
+            }
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert!((20..=21).contains(&created), "REST created {created} of 25");
+    assert!(refused.is_some());
+    // Reads are not limited.
+    for _ in 0..30 {
+        let (st, _) = c.api(1, "rester", "GET", "/api/channels", None).await;
+        assert_eq!(st, 200);
+    }
+}

@@ -85,6 +85,48 @@ fn default_rate_messages_per_s() -> f64 {
 fn default_rate_messages_burst() -> f64 {
     20.0
 }
+fn default_rate_reactions_per_s() -> f64 {
+    20.0
+}
+fn default_rate_reactions_burst() -> f64 {
+    40.0
+}
+fn default_rate_channels_per_s() -> f64 {
+    5.0
+}
+fn default_rate_channels_burst() -> f64 {
+    10.0
+}
+fn default_rate_rest_per_s() -> f64 {
+    10.0
+}
+fn default_rate_rest_burst() -> f64 {
+    20.0
+}
+
+/// The rate-limited areas of CONTRACT §10, each with its own bucket per user.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateArea {
+    /// `message:send`.
+    Messages,
+    /// `reaction:add`, `reaction:remove`, `message:read`.
+    Reactions,
+    /// `channel:join`, `channel:leave`, `channel:sync`.
+    Channels,
+    /// REST writes.
+    Rest,
+}
+
+impl RateArea {
+    pub fn name(self) -> &'static str {
+        match self {
+            RateArea::Messages => "messages",
+            RateArea::Reactions => "reactions",
+            RateArea::Channels => "channels",
+            RateArea::Rest => "rest",
+        }
+    }
+}
 fn default_dedupe_ttl() -> u64 {
     86_400
 }
@@ -250,6 +292,21 @@ pub struct Settings {
     /// Sends a user may make at once before `RATE_MESSAGES_PER_S` applies.
     #[serde(default = "default_rate_messages_burst")]
     pub rate_messages_burst: f64,
+    /// `reaction:*` and `message:read` per user and second; 0 = off.
+    #[serde(default = "default_rate_reactions_per_s")]
+    pub rate_reactions_per_s: f64,
+    #[serde(default = "default_rate_reactions_burst")]
+    pub rate_reactions_burst: f64,
+    /// `channel:join`/`leave`/`sync` per user and second; 0 = off.
+    #[serde(default = "default_rate_channels_per_s")]
+    pub rate_channels_per_s: f64,
+    #[serde(default = "default_rate_channels_burst")]
+    pub rate_channels_burst: f64,
+    /// REST writes per user and second; 0 = off.
+    #[serde(default = "default_rate_rest_per_s")]
+    pub rate_rest_per_s: f64,
+    #[serde(default = "default_rate_rest_burst")]
+    pub rate_rest_burst: f64,
 
     /// Seconds a delivered `tempId` is remembered.
     #[serde(default = "default_dedupe_ttl")]
@@ -344,17 +401,51 @@ impl Settings {
             self.outcome_timeout_ms >= 1000,
             "OUTCOME_TIMEOUT_MS must be at least 1000"
         );
-        anyhow::ensure!(
-            self.rate_messages_per_s >= 0.0 && self.rate_messages_per_s.is_finite(),
-            "RATE_MESSAGES_PER_S must be a number >= 0"
-        );
-        anyhow::ensure!(
-            self.rate_messages_per_s == 0.0 || self.rate_messages_burst >= 1.0,
-            "RATE_MESSAGES_BURST must be at least 1"
-        );
+        for area in [
+            RateArea::Messages,
+            RateArea::Reactions,
+            RateArea::Channels,
+            RateArea::Rest,
+        ] {
+            let (per_s, burst) = self.rate(area);
+            let env = area.name().to_uppercase();
+            anyhow::ensure!(
+                per_s >= 0.0 && per_s.is_finite(),
+                "RATE_{env}_PER_S must be a number >= 0"
+            );
+            anyhow::ensure!(
+                per_s == 0.0 || (burst >= 1.0 && burst.is_finite()),
+                "RATE_{env}_BURST must be at least 1"
+            );
+        }
         self.trusted_proxies()?;
         self.mode()?;
         Ok(())
+    }
+
+    /// `(per second, burst)` of an area.
+    pub fn rate(&self, area: RateArea) -> (f64, f64) {
+        match area {
+            RateArea::Messages => (self.rate_messages_per_s, self.rate_messages_burst),
+            RateArea::Reactions => (self.rate_reactions_per_s, self.rate_reactions_burst),
+            RateArea::Channels => (self.rate_channels_per_s, self.rate_channels_burst),
+            RateArea::Rest => (self.rate_rest_per_s, self.rate_rest_burst),
+        }
+    }
+
+    /// The bucket of `user_id` in `area`, `None` when that limit is off.
+    pub fn rate_limit(
+        &self,
+        area: RateArea,
+        topics: &crate::bus::Topics,
+        user_id: &str,
+    ) -> Option<crate::bus::RateLimit> {
+        let (per_s, burst) = self.rate(area);
+        (per_s > 0.0).then(|| crate::bus::RateLimit {
+            key: topics.rate(area.name(), user_id),
+            per_s,
+            burst: burst.max(1.0),
+        })
     }
 
     /// The `message:send` bucket of `user_id`, `None` when the limit is off.
@@ -363,11 +454,7 @@ impl Settings {
         topics: &crate::bus::Topics,
         user_id: &str,
     ) -> Option<crate::bus::RateLimit> {
-        (self.rate_messages_per_s > 0.0).then(|| crate::bus::RateLimit {
-            key: topics.rate("messages", user_id),
-            per_s: self.rate_messages_per_s,
-            burst: self.rate_messages_burst.max(1.0),
-        })
+        self.rate_limit(RateArea::Messages, topics, user_id)
     }
 
     /// The backend mode; only one of the two URLs set is a configuration error.

@@ -113,3 +113,38 @@ async fn redis_bucket() {
         ))
         .status();
 }
+
+/// The standalone bucket of the non-hot-path areas, on both backends.
+async fn token_bucket(bus: &dyn Bus, topics: &Topics) {
+    let l = RateLimit {
+        key: topics.rate("channels", "u"),
+        per_s: 5.0,
+        burst: 10.0,
+    };
+    let mut ok = 0;
+    let mut waits = Vec::new();
+    for _ in 0..15 {
+        match bus.take_token(&l).await.expect("bucket") {
+            Ok(()) => ok += 1,
+            Err(ms) => waits.push(ms),
+        }
+    }
+    assert!((10..=11).contains(&ok), "{ok}");
+    assert!(waits.iter().all(|ms| (1..=200).contains(ms)), "{waits:?}");
+}
+
+#[tokio::test]
+async fn memory_token_bucket() {
+    token_bucket(&MemoryBus::new(10), &Topics::new("mem")).await;
+}
+
+#[tokio::test]
+async fn redis_token_bucket() {
+    let url = std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    let prefix = format!("sbrl:{}", uuid::Uuid::now_v7().simple());
+    let bus = RedisBus::connect(&url, &prefix, 10).await.expect("redis");
+    token_bucket(&bus, &Topics::new(&prefix)).await;
+    let _ = std::process::Command::new("redis-cli")
+        .args(["del", &format!("{prefix}:rate:channels:u")])
+        .status();
+}

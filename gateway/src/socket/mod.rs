@@ -297,7 +297,73 @@ async fn run_inbox(
     }
 }
 
+/// Takes a token of the event's area (CONTRACT §10) before it is handled;
+/// `None` when the user is over the limit and the event was refused with
+/// its area's error and `retryAfterMs`. A bucket that cannot be read (Redis
+/// down) lets the event through: the write itself then fails or succeeds
+/// on its own terms.
+async fn within_rate(
+    app: &App,
+    s: &SocketRef,
+    session: &Session,
+    inbound: Inbound,
+) -> Option<Inbound> {
+    use switchboard_shared::config::RateArea;
+    let area = match inbound.event.as_str() {
+        events::CHANNEL_JOIN | events::CHANNEL_LEAVE | events::CHANNEL_SYNC => RateArea::Channels,
+        events::MESSAGE_READ | events::REACTION_ADD | events::REACTION_REMOVE => {
+            RateArea::Reactions
+        }
+        _ => return Some(inbound),
+    };
+    let Some(limit) = app.settings.rate_limit(area, &app.topics, &session.user.id) else {
+        return Some(inbound);
+    };
+    let retry_after_ms = match app.bus.take_token(&limit).await {
+        Ok(Ok(())) => return Some(inbound),
+        Ok(Err(ms)) => ms,
+        Err(e) => {
+            tracing::warn!(error = %e, "rate limit unavailable; event let through");
+            return Some(inbound);
+        }
+    };
+    metrics::counter!("gateway_rate_limited_total", "area" => area.name()).increment(1);
+    let field = |k: &str| {
+        inbound
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    };
+    let error = messages::RATE_LIMITED;
+    let (event, payload) = match area {
+        RateArea::Channels => (
+            events::CHANNEL_ERROR,
+            serde_json::json!({"channelId": field("channelId"), "error": error, "retryAfterMs": retry_after_ms}),
+        ),
+        _ if inbound.event == events::MESSAGE_READ => (
+            events::MESSAGE_ERROR,
+            serde_json::json!({"messageId": field("messageId"), "error": error, "retryAfterMs": retry_after_ms}),
+        ),
+        _ => (
+            events::REACTION_ERROR,
+            serde_json::json!({"messageId": field("messageId"), "type": field("type"), "error": error, "retryAfterMs": retry_after_ms}),
+        ),
+    };
+    let _ = s.emit(event, &payload);
+    let _ = inbound.ack.send(&serde_json::json!({
+        "ok": false,
+        "error": error,
+        "retryAfterMs": retry_after_ms,
+    }));
+    None
+}
+
 async fn handle_event(app: &App, s: &SocketRef, session: &Session, inbound: Inbound) {
+    let Some(inbound) = within_rate(app, s, session, inbound).await else {
+        return;
+    };
     match inbound.event.as_str() {
         events::CHANNEL_JOIN => membership::join(app, s, session, inbound).await,
         events::CHANNEL_LEAVE => membership::leave(app, s, session, inbound).await,

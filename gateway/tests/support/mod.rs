@@ -161,6 +161,9 @@ impl Cluster {
             // Tests send bursts far above the contract's per-user rate; the
             // rate-limit tests turn it back on through `opts.env`.
             ("RATE_MESSAGES_PER_S".into(), "0".into()),
+            ("RATE_REACTIONS_PER_S".into(), "0".into()),
+            ("RATE_CHANNELS_PER_S".into(), "0".into()),
+            ("RATE_REST_PER_S".into(), "0".into()),
             (
                 "RUST_LOG".into(),
                 "warn,switchboard_worker=info,switchboard_gateway=info".into(),

@@ -169,6 +169,10 @@ impl Bus for MemoryBus {
         Ok(id)
     }
 
+    async fn take_token(&self, limit: &RateLimit) -> BusResult<Result<(), u64>> {
+        Ok(self.lock().take_token(limit))
+    }
+
     async fn append_many_limited(
         &self,
         entries: Vec<(u32, Bytes)>,

@@ -213,6 +213,11 @@ pub trait Bus: Send + Sync + 'static {
         limit: Option<RateLimit>,
     ) -> Vec<BusResult<String>>;
 
+    /// Takes one token from a bucket on its own (the areas that are not on
+    /// the `message:send` hot path): `Ok(Err(ms))` when it is empty, with
+    /// the milliseconds until a token is there.
+    async fn take_token(&self, limit: &RateLimit) -> BusResult<Result<(), u64>>;
+
     /// Reads new entries of the given partitions for `consumer`, waiting up
     /// to `block` when there are none.
     async fn read(

@@ -66,6 +66,28 @@ end
 return redis.call('XADD', KEYS[1], '*', 'p', ARGV[2])
 "#;
 
+/// A token bucket on its own (`Bus::take_token`): the bucket half of
+/// `APPEND_LUA`. Returns 0 when a token was taken, else the retry-after ms.
+const TOKEN_LUA: &str = r#"
+if redis.replicate_commands then redis.replicate_commands() end
+local rate = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local b = redis.call('HMGET', KEYS[1], 't', 'ts')
+local tokens = tonumber(b[1]) or burst
+local last = tonumber(b[2]) or now
+local elapsed = now - last
+if elapsed < 0 then elapsed = 0 end
+tokens = math.min(burst, tokens + elapsed * rate / 1000)
+if tokens < 1 then
+  return math.max(1, math.ceil((1 - tokens) * 1000 / rate))
+end
+redis.call('HSET', KEYS[1], 't', tostring(tokens - 1), 'ts', now)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 0
+"#;
+
 /// Acknowledges and deletes entries.
 const ACK_LUA: &str = r#"
 redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
@@ -179,6 +201,7 @@ const INCOMING_CAPACITY: usize = 4096;
 
 struct Scripts {
     append: Script,
+    token: Script,
     ack: Script,
     acquire: Script,
     renew: Script,
@@ -252,6 +275,7 @@ impl RedisBus {
             gaps,
             scripts: Scripts {
                 append: Script::from_lua(APPEND_LUA),
+                token: Script::from_lua(TOKEN_LUA),
                 ack: Script::from_lua(ACK_LUA),
                 acquire: Script::from_lua(ACQUIRE_LUA),
                 renew: Script::from_lua(RENEW_LUA),
@@ -575,6 +599,23 @@ impl Bus for RedisBus {
             return out;
         }
         self.append_pipelined(entries, None).await
+    }
+
+    async fn take_token(&self, limit: &RateLimit) -> BusResult<Result<(), u64>> {
+        let wait: i64 = self
+            .run(
+                &self.scripts.token,
+                true,
+                vec![limit.key.clone()],
+                vec![
+                    Value::from(limit.per_s.to_string()),
+                    Value::from(limit.burst.to_string()),
+                    Value::from(limit.idle_ttl_ms() as i64),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        Ok(if wait > 0 { Err(wait as u64) } else { Ok(()) })
     }
 
     async fn append_many_limited(

@@ -317,7 +317,9 @@ function baseEnv() {
   env.NO_COLOR = '1'; // plain logs in failure reports
   // Suites send bursts far above the contract's per-user rate (CONTRACT §10);
   // a test of the limit sets it through `env`.
-  if (env.RATE_MESSAGES_PER_S === undefined) env.RATE_MESSAGES_PER_S = '0';
+  for (const area of ['MESSAGES', 'REACTIONS', 'CHANNELS', 'REST']) {
+    if (env[`RATE_${area}_PER_S`] === undefined) env[`RATE_${area}_PER_S`] = '0';
+  }
   return env;
 }
 
