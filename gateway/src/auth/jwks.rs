@@ -164,8 +164,16 @@ impl Inner {
         st.last_attempt.is_none_or(|t| t.elapsed() >= delay)
     }
 
+    /// Whether an unknown kid may trigger a refetch now. The cooldown guards
+    /// the identity provider against forged kids while a key set is held;
+    /// with no key set yet (the provider was down at start) every token
+    /// fails anyway, so only the failure back-off (1 s, 2 s, 4 s …) applies:
+    /// authentication comes back seconds after the provider, not a cooldown
+    /// later.
     fn miss_fetch_allowed(&self, st: &State) -> bool {
-        st.last_miss.is_none_or(|t| t.elapsed() >= self.cooldown) && self.retry_allowed(st)
+        let cooled =
+            st.keys.is_empty() || st.last_miss.is_none_or(|t| t.elapsed() >= self.cooldown);
+        cooled && self.retry_allowed(st)
     }
 
     fn refresh_if_stale(self: &Arc<Self>, st: &mut State) {
@@ -385,6 +393,21 @@ mod tests {
         // Warm-up, then failures at ~0 s and ~1 s (back-off 1 s, then 2 s).
         let hits = p.hits();
         assert!((2..=4).contains(&hits), "{hits} requests");
+    }
+
+    #[tokio::test]
+    async fn a_provider_down_at_start_is_retried_after_the_back_off_not_the_cooldown() {
+        let p = Provider::start(&["k1"]).await;
+        p.set(FAIL);
+        let c = cache(&p, 60_000, 600_000);
+        assert!(c.refresh().await.is_err(), "down at start");
+        assert!(c.key("k1").await.is_none(), "still down");
+        p.set(OK);
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert!(
+            c.key("k1").await.is_some(),
+            "with no key set, the 60 s cooldown does not hold authentication back"
+        );
     }
 
     #[tokio::test]

@@ -506,6 +506,8 @@ class Cluster {
       try {
         await waitReady(proc, proc.url);
         this.gateways[i] = proc;
+        // A restarted gateway has a new port: url(i) follows it.
+        if (i < this.urls.length) this.urls[i] = proc.url;
         return proc;
       } catch (e) {
         lastError = e;

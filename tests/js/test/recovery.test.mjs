@@ -99,6 +99,8 @@ test('readers of a gateway drained with SIGTERM under load hold every message on
 
 test('a reconnect with auth.since replays what was missed, then channel:sync on demand', async () => {
   const cluster = await sb.ready;
+  // The tests above stop gateway 0.
+  if (cluster.mode === 'cluster' && !cluster.gateways[0]?.alive) await cluster.startGateway(0);
   const [ann, ben] = [uid('ann'), uid('ben')];
   const channel = await createChannel(cluster.url(0), ann);
   await addMember(cluster.url(0), ann, channel.id, ben);
