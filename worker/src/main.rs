@@ -29,7 +29,10 @@ enum Cmd {
     Migrate,
 }
 
-#[tokio::main]
+/// One thread: a worker is one loop of awaits (read, claim, insert,
+/// publish), so a multi-threaded runtime only adds cross-thread wake-ups
+/// (context switches were the top of its profile) without parallelism to gain.
+#[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     switchboard_shared::telemetry::init_tracing("switchboard-worker");
     let cli = Cli::parse();
