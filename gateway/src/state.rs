@@ -35,6 +35,10 @@ pub struct AppState {
     pub proxies: TrustedProxies,
     /// Which users' rows already hold their claims (skips upserts).
     pub users: Users,
+    /// This node's entries in the per-user connection sets
+    /// (`<node>:<sid>` → set key), refreshed by the heartbeat
+    /// (`MAX_CONNECTIONS_PER_USER`, CONTRACT §2).
+    pub connections: dashmap::DashMap<String, String>,
     /// Hands recovering sockets to the dispatcher (see [`RoomEntry`]).
     pub room_entries: mpsc::UnboundedSender<RoomEntry>,
     room_entries_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<RoomEntry>>>,
@@ -64,6 +68,7 @@ impl AppState {
             room_entries_rx: std::sync::Mutex::new(Some(rx)),
             proxies,
             users: Users::default(),
+            connections: dashmap::DashMap::new(),
             subscriptions: Subscriptions::new(bus.clone(), topics.clone()),
             pending: Pending::default(),
             settings,

@@ -79,6 +79,15 @@ fn default_max_reaction_type() -> usize {
 fn default_rest_body_limit() -> usize {
     1_048_576
 }
+fn default_max_connections_per_user() -> usize {
+    20
+}
+fn default_connection_heartbeat_ms() -> u64 {
+    10_000
+}
+fn default_connection_ttl_ms() -> u64 {
+    30_000
+}
 fn default_rate_messages_per_s() -> f64 {
     10.0
 }
@@ -285,6 +294,16 @@ pub struct Settings {
     /// it an event is refused at once with an error (back-pressure).
     #[serde(default = "default_inbox")]
     pub socket_inbox_capacity: usize,
+    /// Sockets one user may hold across the cluster (CONTRACT §2); 0 = no cap.
+    #[serde(default = "default_max_connections_per_user")]
+    pub max_connections_per_user: usize,
+    /// How often a gateway re-asserts its sockets in the per-user counts.
+    #[serde(default = "default_connection_heartbeat_ms")]
+    pub connection_heartbeat_ms: u64,
+    /// How long a socket counts without a heartbeat: a dead node's sockets
+    /// stop counting after this (CONTRACT §2: within 30 s).
+    #[serde(default = "default_connection_ttl_ms")]
+    pub connection_ttl_ms: u64,
     /// `message:send` per user and second, cluster-wide (token bucket
     /// refill rate, CONTRACT §10); 0 turns the limit off.
     #[serde(default = "default_rate_messages_per_s")]
@@ -400,6 +419,11 @@ impl Settings {
         anyhow::ensure!(
             self.outcome_timeout_ms >= 1000,
             "OUTCOME_TIMEOUT_MS must be at least 1000"
+        );
+        anyhow::ensure!(
+            self.connection_heartbeat_ms >= 100
+                && self.connection_ttl_ms > self.connection_heartbeat_ms,
+            "CONNECTION_HEARTBEAT_MS must be at least 100 and below CONNECTION_TTL_MS"
         );
         for area in [
             RateArea::Messages,

@@ -217,8 +217,48 @@ async fn handshake(
         .await
         .map_err(|e| unavailable(&e))?;
     let ids: Vec<Uuid> = channels.iter().map(|(c, _)| *c).collect();
-    // From here on the session owns the subscriptions just retained.
+    // MAX_CONNECTIONS_PER_USER, cluster-wide (CONTRACT §2): one entry per
+    // socket in the user's set, refreshed by this node's heartbeat. Claimed
+    // last, so that nothing awaits between the claim and the session that
+    // gives it back (an entry claimed by a vanished handshake just expires).
+    let member = format!("{}:{}", app.node_id, s.id);
+    let mut claimed_key = None;
+    if app.settings.max_connections_per_user > 0 {
+        let key = app.topics.connections(&user.id);
+        let claimed = app
+            .bus
+            .claim_connection(
+                &key,
+                &member,
+                app.settings.max_connections_per_user,
+                Duration::from_millis(app.settings.connection_ttl_ms),
+            )
+            .await;
+        match claimed {
+            Ok(true) => claimed_key = Some(key),
+            Ok(false) => {
+                app.subscriptions.release(&ids).await;
+                metrics::counter!("gateway_connections_refused_total", "reason" => "too_many")
+                    .increment(1);
+                return Err(Handshake::Refused {
+                    attempt: 0,
+                    reason: "too_many_connections",
+                    error: "Too many connections",
+                });
+            }
+            Err(e) => {
+                app.subscriptions.release(&ids).await;
+                return Err(unavailable(&e));
+            }
+        }
+    }
+    // From here on the session owns the subscriptions just retained, and
+    // the connection entry.
     let session = Session::open(app, user, s.ns(), &ids);
+    if let Some(key) = claimed_key {
+        app.connections.insert(member.clone(), key);
+        session.hold_connection(member);
+    }
     s.extensions.insert(Arc::new(SessionGuard {
         app: app.clone(),
         session: session.clone(),

@@ -40,6 +40,8 @@ pub struct Session {
     channels: Mutex<Channels>,
     /// Orders [`Session::enter`] against [`Session::close`].
     membership: tokio::sync::Mutex<()>,
+    /// This socket's entry in the user's connection set, given back on close.
+    connection: Mutex<Option<String>>,
 }
 
 impl Session {
@@ -57,7 +59,14 @@ impl Session {
                 closed: false,
             }),
             membership: tokio::sync::Mutex::new(()),
+            connection: Mutex::new(None),
         })
+    }
+
+    /// Hands the socket's connection-set entry (`<node>:<sid>`, already
+    /// claimed and registered in `app.connections`) to the session.
+    pub fn hold_connection(&self, member: String) {
+        *self.connection.lock().unwrap_or_else(|p| p.into_inner()) = Some(member);
     }
 
     fn channels(&self) -> std::sync::MutexGuard<'_, Channels> {
@@ -165,8 +174,27 @@ impl Session {
             c.set.drain().chain(revoked).collect()
         };
         app.subscriptions.release(&channels).await;
+        let held = self
+            .connection
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(member) = held {
+            release_connection(app, &member).await;
+        }
         app.count_socket(&self.ns, -1);
         metrics::gauge!("gateway_sockets_connected").decrement(1.0);
+    }
+}
+
+/// Stops counting a connection-set entry of this node. If Redis cannot be
+/// reached the entry simply expires (`CONNECTION_TTL_MS`): the heartbeat no
+/// longer refreshes it.
+pub async fn release_connection(app: &App, member: &str) {
+    if let Some((_, key)) = app.connections.remove(member) {
+        if let Err(e) = app.bus.release_connection(&key, member).await {
+            tracing::debug!(error = %e, "connection entry left to expire");
+        }
     }
 }
 

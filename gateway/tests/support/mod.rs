@@ -164,6 +164,8 @@ impl Cluster {
             ("RATE_REACTIONS_PER_S".into(), "0".into()),
             ("RATE_CHANNELS_PER_S".into(), "0".into()),
             ("RATE_REST_PER_S".into(), "0".into()),
+            // Likewise tests that open many sockets of one user.
+            ("MAX_CONNECTIONS_PER_USER".into(), "0".into()),
             (
                 "RUST_LOG".into(),
                 "warn,switchboard_worker=info,switchboard_gateway=info".into(),

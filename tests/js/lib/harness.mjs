@@ -320,6 +320,7 @@ function baseEnv() {
   for (const area of ['MESSAGES', 'REACTIONS', 'CHANNELS', 'REST']) {
     if (env[`RATE_${area}_PER_S`] === undefined) env[`RATE_${area}_PER_S`] = '0';
   }
+  if (env.MAX_CONNECTIONS_PER_USER === undefined) env.MAX_CONNECTIONS_PER_USER = '0';
   return env;
 }
 
