@@ -1,0 +1,83 @@
+#!/usr/bin/env bash
+# Everyday load side by side (BENCHMARKS.md, issue 9 target 1): Switchboard (2 gateways + 2 workers,
+# release build) and the Node reference (2 nodes), then the embedded mode, each driven by the
+# independent generator of ../shared/anchors/load with the same command, on a private redis-server
+# (REDIS_PORT, default 6390). CPU is read from /proc by PID: the servers, that Redis, and the
+# PostgreSQL backends of the run's database, so other work on the machine does not count; the
+# generator's own CPU is excluded.
+#
+#   loadtest/side-by-side.sh [all|sb|ref|embedded]      (DUR=30 by default)
+#
+# Needs: target/release binaries (cargo build --release), node/npm, local PostgreSQL (postgres, trust).
+set -uo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+work=${WORK:-/tmp/switchboard-side-by-side}
+out=$work/out; mkdir -p "$out"
+DUR=${DUR:-30}
+CMD="--connections 1000 --channels 100 --rate 400 --duration $DUR"
+R=${REDIS_PORT:-6390}; RURL=redis://127.0.0.1:$R
+
+# Writable copies of the anchors (npm ci writes node_modules).
+if [ ! -d "$work/anchors/load/node_modules" ]; then
+  rm -rf "$work/anchors"; cp -r "$root/../shared/anchors" "$work/anchors"; chmod -R u+w "$work/anchors"
+  (cd "$work/anchors/load" && npm ci --no-audit --no-fund --loglevel=error)
+  (cd "$work/anchors/node-ref" && npm ci --no-audit --no-fund --loglevel=error)
+fi
+LOAD=$work/anchors/load; REF=$work/anchors/node-ref
+keys=$work/keys
+# The generator creates its keys on first use; a 1-second dry run against nothing is enough.
+[ -f "$keys/public.pem" ] || (cd "$LOAD" && timeout 5 node src/cli.js --keys "$keys" --targets http://127.0.0.1:9 --connections 1 --duration 1 >/dev/null 2>&1; true)
+export AUTH_PUBLIC_KEY_FILE=$keys/public.pem
+
+redis-cli -p "$R" ping >/dev/null 2>&1 || {
+  mkdir -p "$work/redis"
+  redis-server --port "$R" --bind 127.0.0.1 --save "" --appendonly no --dir "$work/redis" --daemonize yes >/dev/null
+  sleep 0.5
+}
+rpid=$(redis-cli -p "$R" info server | awk -F: '/^process_id/ {print $2}' | tr -d '\r')
+
+ticks() { # pids... -> "pid ticks" lines
+  for p in "$@"; do
+    [ -r "/proc/$p/stat" ] && awk -v p="$p" '{ sub(/.*\) /, ""); split($0, f, " "); print p, f[12] + f[13] }' "/proc/$p/stat"
+  done
+}
+cpu_diff() { # before-file after-file -> seconds (a pid born during the run counts from 0)
+  awk 'NR == FNR { a[$1] = $2; next } { s += $2 - ($1 in a ? a[$1] : 0) } END { printf "%.2f", s / 100 }' "$1" "$2"
+}
+pg_pids() { psql -qAt postgres://postgres@127.0.0.1:5432/postgres -c "select pid from pg_stat_activity where datname='$1'"; }
+
+run_load() { # name targets server-pids(comma) db
+  local name=$1 targets=$2 spids=$3 db=$4
+  redis-cli -p "$R" CONFIG RESETSTAT >/dev/null
+  ticks ${spids//,/ } >"$out/$name.s0"; ticks "$rpid" >"$out/$name.r0"; ticks $(pg_pids "$db") >"$out/$name.p0"
+  (cd "$LOAD" && node src/cli.js --keys "$keys" --targets "$targets" $CMD --server-pids "$spids" >"$out/$name.txt" 2>&1)
+  ticks ${spids//,/ } >"$out/$name.s1"; ticks "$rpid" >"$out/$name.r1"; ticks $(pg_pids "$db") >"$out/$name.p1"
+  redis-cli -p "$R" INFO commandstats >"$out/$name-redis.txt"
+  echo "== $name: servers $(cpu_diff "$out/$name.s0" "$out/$name.s1") s, redis $(cpu_diff "$out/$name.r0" "$out/$name.r1") s," \
+    "postgres $(cpu_diff "$out/$name.p0" "$out/$name.p1") s"
+  grep -E "latency|connect ->|send ->|messages|deliveries|generator|server " "$out/$name.txt"
+}
+
+case "${1:-all}" in
+sb | all)
+  psql -qAt postgres://postgres@127.0.0.1:5432/postgres -c "DROP DATABASE IF EXISTS sbbench WITH (FORCE)" >/dev/null
+  (cd "$root" && DATABASE_URL=postgres://postgres@127.0.0.1:5432/sbbench REDIS_URL=$RURL REDIS_PREFIX=sbbench \
+    NO_BUILD=1 RUST_LOG=warn scripts/dev-cluster >"$out/sb-start.txt" 2>&1) || { cat "$out/sb-start.txt"; exit 1; }
+  run_load sb http://127.0.0.1:3002,http://127.0.0.1:3003 "$(paste -sd, "$root/run/pids")" sbbench
+  (cd "$root" && scripts/dev-cluster stop >/dev/null 2>&1)
+  ;;&
+ref | all)
+  (cd "$REF" && RESET_DB=1 REDIS_URL=$RURL ./start.sh 4002 4003 >"$out/ref-start.txt" 2>&1) || { cat "$out/ref-start.txt"; exit 1; }
+  run_load ref http://127.0.0.1:4002,http://127.0.0.1:4003 "$(paste -sd, "$REF/run/pids")" noderef
+  (cd "$REF" && ./stop.sh >/dev/null 2>&1)
+  ;;&
+embedded | all)
+  rm -rf "$work/embedded-data"
+  (cd "$root" && env -u REDIS_URL -u DATABASE_URL PORT=3004 DATA_DIR="$work/embedded-data" RUST_LOG=warn \
+    nohup target/release/switchboard-gateway >"$out/embedded.log" 2>&1 &)
+  for _ in $(seq 100); do curl -sf http://127.0.0.1:3004/readyz >/dev/null && break; sleep 0.1; done
+  epid=$(ss -ltnpH 'sport = :3004' | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2)
+  run_load embedded http://127.0.0.1:3004 "$epid" none
+  kill -TERM "$epid"
+  ;;
+esac
