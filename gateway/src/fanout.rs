@@ -35,13 +35,13 @@ use crate::subscriptions::Step;
 pub async fn start(app: App) -> BusResult<tokio::task::JoinHandle<()>> {
     let rx = app.bus.incoming();
     let gaps = app.bus.pubsub_gaps();
-    let entries = app.take_room_entries().ok_or_else(|| {
-        switchboard_shared::bus::BusError::Protocol("the dispatcher runs once".into())
-    })?;
+    let once = || switchboard_shared::bus::BusError::Protocol("the dispatcher runs once".into());
+    let entries = app.take_room_entries().ok_or_else(once)?;
+    let probes = app.take_probes().ok_or_else(once)?;
     app.bus
         .subscribe(vec![app.topics.node(&app.node_id), app.topics.membership()])
         .await?;
-    Ok(tokio::spawn(dispatch(app, rx, gaps, entries)))
+    Ok(tokio::spawn(dispatch(app, rx, gaps, entries, probes)))
 }
 
 async fn dispatch(
@@ -49,6 +49,7 @@ async fn dispatch(
     mut rx: tokio::sync::broadcast::Receiver<TopicMessage>,
     mut gaps: tokio::sync::watch::Receiver<u64>,
     mut entries: tokio::sync::mpsc::UnboundedReceiver<RoomEntry>,
+    mut probes: tokio::sync::mpsc::UnboundedReceiver<Uuid>,
 ) {
     let channel_prefix = format!("{}:ch:", app.topics.prefix());
     let node_topic = app.topics.node(&app.node_id);
@@ -68,6 +69,10 @@ async fn dispatch(
             }
             Some(entry) = entries.recv() => {
                 complete_entry(&app, entry).await;
+                continue;
+            }
+            Some(channel) = probes.recv() => {
+                probe(&app, &channel).await;
                 continue;
             }
         };
@@ -216,6 +221,22 @@ async fn complete_entry(app: &App, entry: RoomEntry) {
     }
     socket.join(channel_room(&channel));
     let _ = done.send(held);
+}
+
+/// Brings a newly subscribed channel's room up to its latest stored
+/// message (see [`crate::state::AppState::probe`]).
+async fn probe(app: &App, channel: &Uuid) {
+    let Some(cursor) = app.subscriptions.cursor(channel) else {
+        return;
+    };
+    match app.store.max_seqs(&[*channel]).await {
+        Ok(latest) => {
+            if let Some(max) = latest.get(channel).filter(|m| **m > cursor) {
+                repair(app, channel, cursor, *max).await;
+            }
+        }
+        Err(e) => tracing::warn!(%channel, error = %e, "subscription probe failed"),
+    }
 }
 
 /// After a pub/sub gap: answers waiting writes already stored, and brings

@@ -42,6 +42,8 @@ pub struct AppState {
     /// Hands recovering sockets to the dispatcher (see [`RoomEntry`]).
     pub room_entries: mpsc::UnboundedSender<RoomEntry>,
     room_entries_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<RoomEntry>>>,
+    probes: mpsc::UnboundedSender<Uuid>,
+    probes_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<Uuid>>>,
     draining: AtomicBool,
     /// Authenticated sockets per namespace of [`NAMESPACES`], so fan-out
     /// skips a namespace nobody uses instead of serialising for it.
@@ -63,9 +65,12 @@ impl AppState {
         // Validated when the settings were read, so this cannot fail here.
         let proxies = TrustedProxies::new(settings.trusted_proxies().unwrap_or_default());
         let (room_entries, rx) = mpsc::unbounded_channel();
+        let (probes, probes_rx) = mpsc::unbounded_channel();
         Self {
             room_entries,
             room_entries_rx: std::sync::Mutex::new(Some(rx)),
+            probes,
+            probes_rx: std::sync::Mutex::new(Some(probes_rx)),
             proxies,
             users: Users::default(),
             connections: dashmap::DashMap::new(),
@@ -86,6 +91,25 @@ impl AppState {
     /// The receiving end of [`AppState::room_entries`], once (the dispatcher's).
     pub fn take_room_entries(&self) -> Option<mpsc::UnboundedReceiver<RoomEntry>> {
         self.room_entries_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+    }
+
+    /// Asks the dispatcher to compare newly subscribed channels with the
+    /// database and repair their rooms: a message stored between reading a
+    /// channel's position and Redis confirming the subscription has no live
+    /// copy here, and nothing else would bring it. Sent once the socket that
+    /// caused the subscription is in the room.
+    pub fn probe(&self, channels: &[Uuid]) {
+        for c in channels {
+            let _ = self.probes.send(*c);
+        }
+    }
+
+    /// The receiving end of the probes, once (the dispatcher's).
+    pub fn take_probes(&self) -> Option<mpsc::UnboundedReceiver<Uuid>> {
+        self.probes_rx
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .take()

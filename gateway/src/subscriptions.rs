@@ -59,20 +59,22 @@ impl Subscriptions {
     /// Counts one more local socket in each channel, subscribing where it is
     /// the first. `positions` are the channels with the seq of their latest
     /// message as read *before* this call: a new subscription's cursor
-    /// starts there, so anything published between that read and Redis'
-    /// confirmation shows up as a gap and is repaired. Returns once Redis
-    /// confirmed the subscriptions.
-    pub async fn retain(&self, positions: &[(Uuid, i64)]) -> BusResult<()> {
+    /// starts there; anything published between that read and Redis'
+    /// confirmation is found by the probe the caller sends once its socket
+    /// is in the room ([`crate::state::AppState::probe`]). Returns, once Redis
+    /// confirmed the subscriptions, the channels this node newly listens to.
+    pub async fn retain(&self, positions: &[(Uuid, i64)]) -> BusResult<Vec<Uuid>> {
         let mut refs = self.refs.lock().await;
         let mut new = Vec::new();
         for (c, _) in positions {
             let n = refs.entry(*c).or_insert(0);
             if *n == 0 {
-                new.push(self.topics.channel(c));
+                new.push(*c);
             }
             *n += 1;
         }
-        if let Err(e) = self.bus.subscribe(new).await {
+        let topics = new.iter().map(|c| self.topics.channel(c)).collect();
+        if let Err(e) = self.bus.subscribe(topics).await {
             // Undo the counts so a later retain subscribes again.
             for (c, _) in positions {
                 if let Some(n) = refs.get_mut(c) {
@@ -91,7 +93,7 @@ impl Subscriptions {
             }
         }
         metrics::gauge!("gateway_channel_subscriptions").set(refs.len() as f64);
-        Ok(())
+        Ok(new)
     }
 
     /// Counts one local socket less in each channel, unsubscribing after the last.

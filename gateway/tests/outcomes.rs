@@ -192,6 +192,21 @@ impl Scene {
         }
     }
 
+    /// Waits for every send's final answer and checks the answers against
+    /// the database (as `owner`); returns the history and what is stored.
+    async fn check(
+        &mut self,
+        seen: &mut Seen,
+        expected: &[String],
+        owner: &str,
+    ) -> (Vec<Value>, HashMap<String, String>) {
+        settle(&mut self.sender_rx, seen, expected, Duration::from_secs(20)).await;
+        let history = self.cluster.history(owner, &self.channel).await;
+        let stored = stored_by_content(&history);
+        check_outcomes(seen, expected, &stored, &self.cluster.logs());
+        (history, stored)
+    }
+
     /// Sends `prefix-<i>` messages every `pause` while `go(i, elapsed)`
     /// says so (it may also inject a fault); returns the tempIds sent.
     async fn send_while(
@@ -238,23 +253,13 @@ async fn every_send_around_an_empty_redis_restart_gets_one_outcome() {
             elapsed < Duration::from_millis(3000)
         })
         .await;
+    let (_, stored) = scene.check(&mut seen, &expected, "rita").await;
     let Scene {
         cluster,
         channel: ch,
-        mut sender_rx,
         mut receiver_rx,
         ..
     } = scene;
-    settle(
-        &mut sender_rx,
-        &mut seen,
-        &expected,
-        Duration::from_secs(20),
-    )
-    .await;
-    let history = cluster.history("rita", &ch).await;
-    let stored = stored_by_content(&history);
-    check_outcomes(&seen, &expected, &stored, &cluster.logs());
     assert!(
         stored.len() * 2 > expected.len(),
         "most sends went through ({} of {})",
@@ -321,23 +326,12 @@ async fn a_killed_pubsub_connection_loses_no_outcome_and_no_message() {
             i < n
         })
         .await;
+    let (history, stored) = scene.check(&mut seen, &expected, "kate").await;
     let Scene {
         cluster,
-        channel: ch,
-        mut sender_rx,
         mut receiver_rx,
         ..
     } = scene;
-    settle(
-        &mut sender_rx,
-        &mut seen,
-        &expected,
-        Duration::from_secs(20),
-    )
-    .await;
-    let history = cluster.history("kate", &ch).await;
-    let stored = stored_by_content(&history);
-    check_outcomes(&seen, &expected, &stored, &cluster.logs());
     assert_eq!(
         stored.len(),
         n,

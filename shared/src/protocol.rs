@@ -428,6 +428,13 @@ pub struct MembershipChange {
     /// Absent in changes of older nodes, which only announced joins.
     #[serde(default)]
     pub kind: MembershipKind,
+    /// For a join: the seq of the channel's latest message when the
+    /// membership was stored. A node that starts listening to the channel
+    /// for this user starts there, so a message sent after the invitation
+    /// was acknowledged reaches them even if it is stored before the node
+    /// gets the change. `None` from older nodes: the node reads it itself.
+    #[serde(default)]
+    pub position: Option<i64>,
 }
 
 #[derive(Debug, Clone, Copy, Default, Serialize, Deserialize, PartialEq, Eq)]

@@ -36,7 +36,9 @@ pub async fn apply(app: &App, change: MembershipChange) {
         if let Some(session) = s.extensions.get::<std::sync::Arc<Session>>() {
             match change.kind {
                 MembershipKind::Joined => {
-                    session.enter(app, &s, change.channel_id).await;
+                    session
+                        .enter(app, &s, change.channel_id, change.position)
+                        .await;
                 }
                 MembershipKind::Left => session.leave(app, &s, change.channel_id).await,
             }
@@ -54,11 +56,17 @@ pub fn revoke_local(app: &App, user_id: &str, channel_id: Uuid) {
     }
 }
 
-fn membership_change(user_id: &str, channel_id: Uuid, kind: MembershipKind) -> Option<Bytes> {
+fn membership_change(
+    user_id: &str,
+    channel_id: Uuid,
+    kind: MembershipKind,
+    position: Option<i64>,
+) -> Option<Bytes> {
     let change = MembershipChange {
         user_id: user_id.to_string(),
         channel_id,
         kind,
+        position,
     };
     match protocol::encode(&change) {
         Ok(bytes) => Some(Bytes::from(bytes)),
@@ -132,7 +140,7 @@ pub async fn remove(
     if let Ok(bytes) = protocol::encode(&[ChannelEvent::UserLeft(left)]) {
         batch.push((app.topics.channel(&channel.id), Bytes::from(bytes)));
     }
-    if let Some(change) = membership_change(user_id, channel.id, MembershipKind::Left) {
+    if let Some(change) = membership_change(user_id, channel.id, MembershipKind::Left, None) {
         batch.push((app.topics.membership(), change));
     }
     // One pipeline on one connection: every node reads the event before the
@@ -156,7 +164,16 @@ pub async fn remove(
 
 /// Tells every node that `user_id` is now a member of `channel_id`.
 pub async fn announce(app: &App, user_id: &str, channel_id: Uuid) {
-    let Some(change) = membership_change(user_id, channel_id, MembershipKind::Joined) else {
+    // Read after the membership was stored and before anyone is told.
+    let position = match app.store.max_seqs(&[channel_id]).await {
+        Ok(m) => m.get(&channel_id).copied(),
+        Err(e) => {
+            tracing::warn!(error = %e, "channel position unavailable; nodes read it themselves");
+            None
+        }
+    };
+    let Some(change) = membership_change(user_id, channel_id, MembershipKind::Joined, position)
+    else {
         return;
     };
     if let Err(e) = app
@@ -177,26 +194,48 @@ pub(super) fn refuse(s: &SocketRef, inbound: Inbound, channel_id: Option<String>
     super::refuse(s, inbound.ack, events::CHANNEL_ERROR, &payload, error);
 }
 
-/// `channel:leave {channelId}` (CONTRACT §3).
-pub async fn leave(app: &App, s: &SocketRef, session: &Session, inbound: Inbound) {
+/// The channel a `channel:join` / `channel:leave` names, or `None` after
+/// refusing the event (missing id, unknown channel, database down).
+async fn named_channel(
+    app: &App,
+    s: &SocketRef,
+    inbound: Inbound,
+) -> Option<(
+    Inbound,
+    String,
+    switchboard_shared::store::entities::channel::Model,
+)> {
     let raw = inbound
         .data
         .as_ref()
         .and_then(|d| d.get("channelId"))
         .cloned();
     let Some(Value::String(raw)) = raw else {
-        return refuse(s, inbound, None, "channelId is required");
+        refuse(s, inbound, None, "channelId is required");
+        return None;
     };
     let Ok(channel_id) = Uuid::parse_str(&raw) else {
-        return refuse(s, inbound, Some(raw), "Channel not found");
+        refuse(s, inbound, Some(raw), "Channel not found");
+        return None;
     };
-    let channel = match app.store.channel(channel_id).await {
-        Ok(Some(c)) => c,
-        Ok(None) => return refuse(s, inbound, Some(raw), "Channel not found"),
+    match app.store.channel(channel_id).await {
+        Ok(Some(c)) => Some((inbound, raw, c)),
+        Ok(None) => {
+            refuse(s, inbound, Some(raw), "Channel not found");
+            None
+        }
         Err(e) => {
             tracing::warn!(error = %e, "channel lookup failed");
-            return refuse(s, inbound, Some(raw), "Service temporarily unavailable");
+            refuse(s, inbound, Some(raw), "Service temporarily unavailable");
+            None
         }
+    }
+}
+
+/// `channel:leave {channelId}` (CONTRACT §3).
+pub async fn leave(app: &App, s: &SocketRef, session: &Session, inbound: Inbound) {
+    let Some((inbound, raw, channel)) = named_channel(app, s, inbound).await else {
+        return;
     };
     let user = session.user.id.clone();
     if let Err(e) = remove(app, &channel, &user, None).await {
@@ -210,25 +249,10 @@ pub async fn leave(app: &App, s: &SocketRef, session: &Session, inbound: Inbound
 }
 
 pub async fn join(app: &App, s: &SocketRef, session: &Session, inbound: Inbound) {
-    let raw = inbound
-        .data
-        .as_ref()
-        .and_then(|d| d.get("channelId"))
-        .cloned();
-    let Some(Value::String(raw)) = raw else {
-        return refuse(s, inbound, None, "channelId is required");
+    let Some((inbound, raw, channel)) = named_channel(app, s, inbound).await else {
+        return;
     };
-    let Ok(channel_id) = Uuid::parse_str(&raw) else {
-        return refuse(s, inbound, Some(raw), "Channel not found");
-    };
-    let channel = match app.store.channel(channel_id).await {
-        Ok(Some(c)) => c,
-        Ok(None) => return refuse(s, inbound, Some(raw), "Channel not found"),
-        Err(e) => {
-            tracing::warn!(error = %e, "channel lookup failed");
-            return refuse(s, inbound, Some(raw), "Service temporarily unavailable");
-        }
-    };
+    let channel_id = channel.id;
     let user = session.user.id.clone();
     if channel.is_private {
         match app.store.is_member(channel_id, &user).await {
@@ -244,7 +268,7 @@ pub async fn join(app: &App, s: &SocketRef, session: &Session, inbound: Inbound)
             return refuse(s, inbound, Some(raw), "Service temporarily unavailable");
         }
     };
-    if !session.enter(app, s, channel_id).await {
+    if !session.enter(app, s, channel_id, None).await {
         return refuse(s, inbound, Some(raw), "Service temporarily unavailable");
     }
     let joined = UserJoined {

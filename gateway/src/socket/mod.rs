@@ -212,7 +212,8 @@ async fn handshake(
         .channels_of(&user.id, app.settings.max_channels_per_user)
         .await
         .map_err(|e| unavailable(&e))?;
-    app.subscriptions
+    let subscribed = app
+        .subscriptions
         .retain(&channels)
         .await
         .map_err(|e| unavailable(&e))?;
@@ -273,6 +274,7 @@ async fn handshake(
         .collect();
     rooms.push(user_room(&session.user.id));
     s.join(rooms);
+    app.probe(&subscribed);
     open_inbox(app, s, handle, session.clone());
     let success = ConnectionSuccess {
         user_id: session.user.id.clone(),

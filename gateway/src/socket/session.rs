@@ -84,7 +84,15 @@ impl Session {
     /// Puts the socket in a channel: subscription first (so nothing
     /// published afterwards is missed), then the room. `false` when the
     /// subscription failed or the socket is gone.
-    pub async fn enter(&self, app: &App, s: &SocketRef, channel: Uuid) -> bool {
+    /// `known_position`: the channel's position when the membership was
+    /// stored, if the caller has it (see `MembershipChange::position`).
+    pub async fn enter(
+        &self,
+        app: &App,
+        s: &SocketRef,
+        channel: Uuid,
+        known_position: Option<i64>,
+    ) -> bool {
         let _order = self.membership.lock().await;
         {
             let c = self.channels();
@@ -111,9 +119,9 @@ impl Session {
         }
         // A channel this node does not track yet starts at its latest
         // stored message (anything after it is live or repaired).
-        let position = match app.subscriptions.cursor(&channel) {
-            Some(p) => p,
-            None => match app.store.max_seqs(&[channel]).await {
+        let position = match (app.subscriptions.cursor(&channel), known_position) {
+            (Some(p), _) | (None, Some(p)) => p,
+            (None, None) => match app.store.max_seqs(&[channel]).await {
                 Ok(m) => m.get(&channel).copied().unwrap_or(0),
                 Err(e) => {
                     tracing::warn!(error = %e, "channel position unavailable");
@@ -121,12 +129,16 @@ impl Session {
                 }
             },
         };
-        if let Err(e) = app.subscriptions.retain(&[(channel, position)]).await {
-            tracing::warn!(error = %e, "subscription failed");
-            return false;
-        }
+        let subscribed = match app.subscriptions.retain(&[(channel, position)]).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "subscription failed");
+                return false;
+            }
+        };
         self.channels().set.insert(channel);
         s.join(channel_room(&channel));
+        app.probe(&subscribed);
         true
     }
 
