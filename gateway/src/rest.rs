@@ -268,25 +268,8 @@ async fn list_channels(
     Caller(caller): Caller,
     Query(q): Query<ChannelListQuery>,
 ) -> Result<Response, ApiError> {
-    let limit = match q.limit.as_deref() {
-        None | Some("") => DEFAULT_CHANNEL_LIMIT,
-        Some(l) => match l.parse::<u64>() {
-            Ok(n) if (1..=MAX_CHANNEL_LIMIT).contains(&n) => n,
-            _ => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("limit must be an integer from 1 to {MAX_CHANNEL_LIMIT}"),
-                ))
-            }
-        },
-    };
-    let after =
-        match q.after.as_deref() {
-            None | Some("") => None,
-            Some(a) => Some(Uuid::parse_str(a).map_err(|_| {
-                ApiError::new(StatusCode::BAD_REQUEST, "after must be a channel id")
-            })?),
-        };
+    let limit = query_limit(q.limit.as_deref(), DEFAULT_CHANNEL_LIMIT, MAX_CHANNEL_LIMIT)?;
+    let after = query_id(q.after.as_deref(), "after must be a channel id")?;
     let page = app
         .store
         .list_channels(&caller.id, after, limit)
@@ -463,25 +446,12 @@ async fn history(
     } else {
         MAX_HISTORY_LIMIT
     };
-    let limit = match q.limit.as_deref() {
-        None | Some("") => app.settings.history_default_limit.min(max_limit),
-        Some(l) => match l.parse::<u64>() {
-            Ok(n) if (1..=max_limit).contains(&n) => n,
-            _ => {
-                return Err(ApiError::new(
-                    StatusCode::BAD_REQUEST,
-                    format!("limit must be an integer from 1 to {max_limit}"),
-                ))
-            }
-        },
-    };
-    let before =
-        match q.before.as_deref() {
-            None | Some("") => None,
-            Some(b) => Some(Uuid::parse_str(b).map_err(|_| {
-                ApiError::new(StatusCode::BAD_REQUEST, "before must be a message id")
-            })?),
-        };
+    let limit = query_limit(
+        q.limit.as_deref(),
+        app.settings.history_default_limit.min(max_limit),
+        max_limit,
+    )?;
+    let before = query_id(q.before.as_deref(), "before must be a message id")?;
     if app
         .store
         .channel(channel_id)
@@ -525,4 +495,28 @@ async fn history(
     }
     .map_err(ApiError::internal)?;
     Ok(Json(page).into_response())
+}
+
+/// A `limit` query parameter: `default` when absent, else 1..=`max` (400 otherwise).
+fn query_limit(raw: Option<&str>, default: u64, max: u64) -> Result<u64, ApiError> {
+    match raw {
+        None | Some("") => Ok(default),
+        Some(l) => match l.parse::<u64>() {
+            Ok(n) if (1..=max).contains(&n) => Ok(n),
+            _ => Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                format!("limit must be an integer from 1 to {max}"),
+            )),
+        },
+    }
+}
+
+/// An optional id query parameter (`after`, `before`); 400 with `error` when it is not a UUID.
+fn query_id(raw: Option<&str>, error: &str) -> Result<Option<Uuid>, ApiError> {
+    match raw {
+        None | Some("") => Ok(None),
+        Some(v) => Uuid::parse_str(v)
+            .map(Some)
+            .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, error)),
+    }
 }
