@@ -31,6 +31,36 @@ use super::{
 /// Consumer group of the workers on every partition stream.
 const GROUP: &str = "workers";
 
+/// The token bucket both rate-limit scripts share (a macro, so that it can
+/// be `concat!`ed into their source): `bucket_peek` refills a bucket by the
+/// elapsed Redis time and returns its tokens, the time, and the retry-after
+/// ms when fewer than one token is left; `bucket_store` takes the token.
+macro_rules! bucket_lua {
+    () => {
+        r#"
+if redis.replicate_commands then redis.replicate_commands() end
+local function bucket_peek(key, rate, burst)
+  local t = redis.call('TIME')
+  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local b = redis.call('HMGET', key, 't', 'ts')
+  local tokens = tonumber(b[1]) or burst
+  local last = tonumber(b[2]) or now
+  local elapsed = now - last
+  if elapsed < 0 then elapsed = 0 end
+  tokens = math.min(burst, tokens + elapsed * rate / 1000)
+  if tokens < 1 then
+    return tokens, now, math.max(1, math.ceil((1 - tokens) * 1000 / rate))
+  end
+  return tokens, now, nil
+end
+local function bucket_store(key, tokens, now, ttl)
+  redis.call('HSET', key, 't', tostring(tokens), 'ts', now)
+  redis.call('PEXPIRE', key, ttl)
+end
+"#
+    };
+}
+
 /// Appends unless the partition already holds `ARGV[1]` entries. Entries are
 /// deleted once acknowledged, so the length is the unacknowledged backlog.
 ///
@@ -39,54 +69,32 @@ const GROUP: &str = "workers";
 /// ARGV[4] burst, ARGV[5] idle TTL in ms. An empty bucket answers
 /// `rl:<retry after ms>` (a stream id never starts with `r`), and a full
 /// stream takes no token: the check costs no extra round trip.
-const APPEND_LUA: &str = r#"
+const APPEND_LUA: &str = concat!(
+    bucket_lua!(),
+    r#"
 local bucket
 if #KEYS > 1 then
-  if redis.replicate_commands then redis.replicate_commands() end
-  local rate = tonumber(ARGV[3])
-  local burst = tonumber(ARGV[4])
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local b = redis.call('HMGET', KEYS[2], 't', 'ts')
-  local tokens = tonumber(b[1]) or burst
-  local last = tonumber(b[2]) or now
-  local elapsed = now - last
-  if elapsed < 0 then elapsed = 0 end
-  tokens = math.min(burst, tokens + elapsed * rate / 1000)
-  if tokens < 1 then
-    return 'rl:' .. math.max(1, math.ceil((1 - tokens) * 1000 / rate))
-  end
+  local tokens, now, retry = bucket_peek(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+  if retry then return 'rl:' .. retry end
   bucket = {tokens - 1, now}
 end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
-if bucket then
-  redis.call('HSET', KEYS[2], 't', tostring(bucket[1]), 'ts', bucket[2])
-  redis.call('PEXPIRE', KEYS[2], ARGV[5])
-end
+if bucket then bucket_store(KEYS[2], bucket[1], bucket[2], ARGV[5]) end
 return redis.call('XADD', KEYS[1], '*', 'p', ARGV[2])
-"#;
+"#
+);
 
 /// A token bucket on its own (`Bus::take_token`): the bucket half of
 /// `APPEND_LUA`. Returns 0 when a token was taken, else the retry-after ms.
-const TOKEN_LUA: &str = r#"
-if redis.replicate_commands then redis.replicate_commands() end
-local rate = tonumber(ARGV[1])
-local burst = tonumber(ARGV[2])
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local b = redis.call('HMGET', KEYS[1], 't', 'ts')
-local tokens = tonumber(b[1]) or burst
-local last = tonumber(b[2]) or now
-local elapsed = now - last
-if elapsed < 0 then elapsed = 0 end
-tokens = math.min(burst, tokens + elapsed * rate / 1000)
-if tokens < 1 then
-  return math.max(1, math.ceil((1 - tokens) * 1000 / rate))
-end
-redis.call('HSET', KEYS[1], 't', tostring(tokens - 1), 'ts', now)
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+const TOKEN_LUA: &str = concat!(
+    bucket_lua!(),
+    r#"
+local tokens, now, retry = bucket_peek(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
+if retry then return retry end
+bucket_store(KEYS[1], tokens - 1, now, ARGV[3])
 return 0
-"#;
+"#
+);
 
 /// Counts a socket in a user's set (score: expiry, Redis time) unless it
 /// already holds ARGV[2] live ones; ARGV[3] is the TTL in ms.
