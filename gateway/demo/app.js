@@ -42,7 +42,17 @@
     names: new Map(), // user id -> display name
     readUpTo: new Map(), // channel id -> Map(user id -> message id)
     readSent: new Map(), // channel id -> message id we last marked read
+    online: new Map(), // channel id -> Set(user id) online now (CONTRACT §11)
+    presenceAt: new Map(), // user id -> timestamp of the latest presence:changed applied
+    typing: new Map(), // channel id -> Map(user id -> timer that forgets it)
   };
+  // Typing: this page says typing:start at most every TYPING_RENEW_MS while
+  // the user types (the server forwards one per second and stops it after
+  // 6 s without renewal), and typing:stop when they send or clear the box.
+  const TYPING_RENEW_MS = 3000;
+  const TYPING_FORGET_MS = 8000; // a lost typing:false must not stick
+  let typingSentAt = 0;
+  let typingChannel = null;
   let localSeq = 0;
 
   const newTempId = () =>
@@ -145,7 +155,7 @@
     state.me = null;
     state.selected = null;
     state.since = {};
-    for (const m of [state.channels, state.lists, state.byId, state.byTemp, state.names, state.readUpTo, state.readSent]) m.clear();
+    for (const m of [state.channels, state.lists, state.byId, state.byTemp, state.names, state.readUpTo, state.readSent, state.online, state.presenceAt, state.typing]) m.clear();
     $('app').hidden = true;
     $('login').hidden = false;
     $('logout').hidden = true;
@@ -190,6 +200,9 @@
       for (const [channelId, seq] of Object.entries((d && d.positions) || {})) {
         if (!(channelId in state.since)) state.since[channelId] = seq;
       }
+      state.online.clear();
+      for (const [channelId, users] of Object.entries((d && d.online) || {})) state.online.set(channelId, new Set(users));
+      renderPresence();
       // Also after every reconnection: catch up on channels and missed messages.
       await loadChannels();
       if (state.selected && state.channels.get(state.selected)?.isMember) await loadHistory(state.selected);
@@ -206,6 +219,8 @@
     socket.on('reaction:added', onReactionAdded);
     socket.on('reaction:removed', onReactionRemoved);
     socket.on('channel:user_joined', onUserJoined);
+    socket.on('presence:changed', onPresence);
+    socket.on('typing', onTyping);
     socket.on('channel:error', (d) => toast(`Channel: ${d?.error}`, 'error'));
     socket.on('reaction:error', (d) => toast(`Reaction: ${d?.error}`, 'error'));
     socket.on('message:error', (d) => toast(`Read receipt: ${d?.error}`, 'error'));
@@ -312,7 +327,89 @@
       loadChannels();
       return;
     }
-    if (d.channelId === state.selected) toast(`${nameOf(d.userId)} joined ${state.channels.get(d.channelId)?.name || 'the channel'}`);
+    if (d.channelId === state.selected) {
+      toast(`${nameOf(d.userId)} joined ${state.channels.get(d.channelId)?.name || 'the channel'}`);
+      loadPresence(d.channelId);
+    }
+  }
+
+  // ---------------------------------------------------------------------
+  // Presence and typing
+  // ---------------------------------------------------------------------
+
+  function onPresence(d) {
+    if (!d || !d.channelId || !d.userId) return;
+    // Changes of one user may arrive out of order from two nodes: the later
+    // timestamp is the current state.
+    const at = Date.parse(d.timestamp) || 0;
+    if (at < (state.presenceAt.get(d.userId) || 0)) return;
+    state.presenceAt.set(d.userId, at);
+    if (!state.online.has(d.channelId)) state.online.set(d.channelId, new Set());
+    const set = state.online.get(d.channelId);
+    if (d.online) set.add(d.userId);
+    else set.delete(d.userId);
+    if (d.channelId === state.selected) renderPresence();
+  }
+
+  /**
+   * Who is online in a channel, from REST: on opening it, when someone
+   * joins, and for channels above PRESENCE_MAX_MEMBERS (no live events).
+   */
+  async function loadPresence(channelId) {
+    try {
+      const p = await api(`/api/channels/${encodeURIComponent(channelId)}/presence`);
+      state.online.set(channelId, new Set(p.online));
+      if (channelId === state.selected) renderPresence();
+    } catch { /* not a member (yet): nothing to show */ }
+  }
+
+  function renderPresence() {
+    const set = state.online.get(state.selected);
+    const names = set ? [...set].map((u) => (u === state.me?.userId ? 'you' : nameOf(u))).sort() : [];
+    $('pane-online').textContent = names.length ? `${names.length} online: ${names.join(', ')}` : '';
+    renderTyping();
+  }
+
+  function onTyping(d) {
+    if (!d || !d.channelId || !d.userId || d.userId === state.me.userId) return;
+    if (!state.typing.has(d.channelId)) state.typing.set(d.channelId, new Map());
+    const users = state.typing.get(d.channelId);
+    clearTimeout(users.get(d.userId));
+    if (d.typing) {
+      users.set(d.userId, setTimeout(() => { users.delete(d.userId); renderTyping(); }, TYPING_FORGET_MS));
+    } else users.delete(d.userId);
+    if (d.channelId === state.selected) renderTyping();
+  }
+
+  function renderTyping() {
+    const users = [...(state.typing.get(state.selected)?.keys() || [])].map(nameOf).sort();
+    let text = '';
+    if (users.length === 1) text = `${users[0]} is typing…`;
+    else if (users.length === 2) text = `${users[0]} and ${users[1]} are typing…`;
+    else if (users.length > 2) text = 'several people are typing…';
+    $('typing').textContent = text;
+  }
+
+  /** Called on every keystroke in the composer. */
+  function typed() {
+    const ch = state.selected;
+    if (!state.socket || !ch || !state.channels.get(ch)?.isMember) return;
+    if (!$('composer-input').value) {
+      stopTyping();
+      return;
+    }
+    const now = Date.now();
+    if (typingChannel === ch && now - typingSentAt < TYPING_RENEW_MS) return;
+    if (typingChannel && typingChannel !== ch) stopTyping();
+    typingChannel = ch;
+    typingSentAt = now;
+    state.socket.emit('typing:start', { channelId: ch });
+  }
+
+  function stopTyping() {
+    if (typingChannel && state.socket) state.socket.emit('typing:stop', { channelId: typingChannel });
+    typingChannel = null;
+    typingSentAt = 0;
   }
 
   // ---------------------------------------------------------------------
@@ -498,8 +595,11 @@
     const ch = state.channels.get(channelId);
     if (ch && ch.isMember) ch.unreadCount = 0;
     note('invite-note', '');
+    if (typingChannel && typingChannel !== channelId) stopTyping();
     renderChannels();
     renderPane();
+    renderPresence();
+    if (ch && ch.isMember) loadPresence(channelId);
     if (ch && ch.isMember) loadHistory(channelId);
     if (ch && ch.isMember) $('composer-input').focus();
   }
@@ -530,6 +630,7 @@
     const ch = state.channels.get(state.selected);
     if (!content.trim() || !ch || !ch.isMember) return;
     input.value = '';
+    stopTyping();
     const entry = {
       key: `m${++localSeq}`, id: null, tempId: null, channelId: ch.id, userId: state.me.userId,
       content, createdAt: new Date().toISOString(), status: 'SENDING', error: null, reactions: new Map(),
@@ -699,6 +800,8 @@
   $('create-form').addEventListener('submit', createChannel);
   $('invite-form').addEventListener('submit', invite);
   $('composer').addEventListener('submit', send);
+  $('composer-input').addEventListener('input', typed);
+  $('composer-input').addEventListener('blur', stopTyping);
   $('refresh').addEventListener('click', loadChannels);
 
   try {

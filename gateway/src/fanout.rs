@@ -5,7 +5,8 @@
 //!   namespaces), `message:created` in `seq` order with no hole and no
 //!   duplicate: a redelivered message is dropped, a jump in `seq` is
 //!   repaired from the database before the later message is emitted
-//!   (CONTRACT §9);
+//!   (CONTRACT §9); the volatile `presence:changed` and `typing` that
+//!   gateways publish there are emitted as they come;
 //! - the node topic: outcomes of this node's writes, to [`crate::pending`];
 //! - the membership topic: someone became a member somewhere; their
 //!   sockets here enter the room (in a task of its own: the dispatcher never
@@ -28,7 +29,7 @@ use switchboard_shared::protocol::{
 use tokio::sync::broadcast::error::RecvError;
 use uuid::Uuid;
 
-use crate::state::{channel_room, App, RoomEntry, NAMESPACES};
+use crate::state::{channel_room, user_room, App, RoomEntry, NAMESPACES};
 use crate::subscriptions::Step;
 
 /// Subscribes the node's own topics and starts the dispatcher.
@@ -287,6 +288,14 @@ async fn emit_to_channel(app: &App, channel: &Uuid, event: &ChannelEvent) {
             ChannelEvent::MessageRead(p) => op.to(room.clone()).emit(event.name(), p).await,
             ChannelEvent::UserJoined(p) => op.to(room.clone()).emit(event.name(), p).await,
             ChannelEvent::UserLeft(p) => op.to(room.clone()).emit(event.name(), p).await,
+            ChannelEvent::PresenceChanged(p) => op.to(room.clone()).emit(event.name(), p).await,
+            // Not to the typist's own sockets (CONTRACT §11).
+            ChannelEvent::Typing(p) => {
+                op.to(room.clone())
+                    .except(user_room(&p.user_id))
+                    .emit(event.name(), p)
+                    .await
+            }
         };
         if let Err(e) = res {
             tracing::debug!(error = %e, "room emit failed");

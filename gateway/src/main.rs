@@ -7,12 +7,14 @@ mod demo;
 mod embedded;
 mod fanout;
 mod pending;
+mod presence;
 mod recovery;
 mod rest;
 mod server;
 mod socket;
 mod state;
 mod subscriptions;
+mod typing;
 mod users;
 
 use std::time::Duration;

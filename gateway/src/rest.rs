@@ -122,6 +122,7 @@ pub fn router(app: App, metrics: PrometheusHandle) -> Router {
             delete(remove_member),
         )
         .route("/api/channels/{id}/messages", get(history))
+        .route("/api/channels/{id}/presence", get(presence))
         .route("/healthz", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/readyz", get(readyz))
         .route(
@@ -415,6 +416,51 @@ const MAX_HISTORY_LIMIT: u64 = 100;
 /// Largest catch-up page (`afterSeq`, CONTRACT §6).
 const MAX_CATCH_UP_LIMIT: u64 = 1000;
 
+/// 404 for an unknown channel, 403 for a non-member.
+async fn require_member(app: &App, channel_id: Uuid, caller: &Identity) -> Result<(), ApiError> {
+    if app
+        .store
+        .channel(channel_id)
+        .await
+        .map_err(ApiError::internal)?
+        .is_none()
+    {
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "Channel not found"));
+    }
+    if !app
+        .store
+        .is_member(channel_id, &caller.id)
+        .await
+        .map_err(ApiError::internal)?
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "You are not a member of this channel",
+        ));
+    }
+    Ok(())
+}
+
+/// `GET /api/channels/{id}/presence` (CONTRACT §6, §11): the members with
+/// at least one live socket anywhere, for channels of any size.
+async fn presence(
+    State(app): State<App>,
+    Caller(caller): Caller,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let channel_id = parse_channel_id(&id)?;
+    require_member(&app, channel_id, &caller).await?;
+    let online = crate::presence::channel_online(&app, channel_id)
+        .await
+        .map_err(ApiError::internal)?;
+    Ok(Json(json!({
+        "channelId": channel_id.to_string(),
+        "count": online.len(),
+        "online": online,
+    }))
+    .into_response())
+}
+
 async fn history(
     State(app): State<App>,
     Caller(caller): Caller,
@@ -452,26 +498,7 @@ async fn history(
         max_limit,
     )?;
     let before = query_id(q.before.as_deref(), "before must be a message id")?;
-    if app
-        .store
-        .channel(channel_id)
-        .await
-        .map_err(ApiError::internal)?
-        .is_none()
-    {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "Channel not found"));
-    }
-    if !app
-        .store
-        .is_member(channel_id, &caller.id)
-        .await
-        .map_err(ApiError::internal)?
-    {
-        return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "You are not a member of this channel",
-        ));
-    }
+    require_member(&app, channel_id, &caller).await?;
     // The anchor must be a message of this channel: anything else is one
     // answer, so a member of one channel learns nothing about another's
     // message ids or positions.

@@ -108,6 +108,7 @@ pub async fn serve(mut settings: Settings) -> anyhow::Result<()> {
         settings.clone(),
         node_id.clone(),
         backends.bus.clone(),
+        backends.presence.clone(),
         backends.store.clone(),
         verifier,
         io.clone(),
@@ -121,29 +122,12 @@ pub async fn serve(mut settings: Settings) -> anyhow::Result<()> {
         tokio::spawn(w.run(worker_cancel.clone()))
     });
 
-    // Keeps this node's sockets counting in the per-user connection sets;
-    // when the node dies they expire after CONNECTION_TTL_MS.
-    let heartbeat_app = app.clone();
-    tokio::spawn(async move {
-        let app = heartbeat_app;
-        let ttl = Duration::from_millis(app.settings.connection_ttl_ms);
-        let mut tick =
-            tokio::time::interval(Duration::from_millis(app.settings.connection_heartbeat_ms));
-        loop {
-            tick.tick().await;
-            let entries: Vec<(String, String)> = app
-                .connections
-                .iter()
-                .map(|e| (e.value().clone(), e.key().clone()))
-                .collect();
-            if entries.is_empty() {
-                continue;
-            }
-            if let Err(e) = app.bus.refresh_connections(&entries, ttl).await {
-                tracing::warn!(error = %e, "connection heartbeat failed");
-            }
-        }
-    });
+    // This node's sockets keep counting (caps, presence) while it lives;
+    // users whose last socket is gone are announced offline; typing
+    // indicators held back by the throttle or timed out are sent.
+    crate::presence::spawn_heartbeat(&app);
+    crate::presence::spawn_sweeper(&app);
+    crate::typing::spawn_ticker(&app);
 
     // Every accepted write gets its answer within OUTCOME_TIMEOUT_MS.
     let supervisor_app = app.clone();

@@ -7,6 +7,7 @@ use socketioxide::extract::SocketRef;
 use socketioxide::SocketIo;
 use switchboard_shared::bus::{Bus, Topics};
 use switchboard_shared::config::Settings;
+use switchboard_shared::presence::Presence;
 use switchboard_shared::store::Store;
 use tokio::sync::{mpsc, oneshot};
 use uuid::Uuid;
@@ -15,6 +16,7 @@ use crate::auth::Verifier;
 use crate::client_addr::TrustedProxies;
 use crate::pending::Pending;
 use crate::subscriptions::Subscriptions;
+use crate::typing::Typing;
 use crate::users::Users;
 
 /// Socket.IO namespaces served, with the same handlers (CONTRACT §1): the
@@ -25,6 +27,8 @@ pub struct AppState {
     pub settings: Settings,
     pub node_id: String,
     pub bus: Arc<dyn Bus>,
+    /// Who is connected, cluster-wide (connection caps, presence).
+    pub presence: Arc<dyn Presence>,
     pub store: Store,
     pub topics: Topics,
     pub verifier: Verifier,
@@ -36,9 +40,11 @@ pub struct AppState {
     /// Which users' rows already hold their claims (skips upserts).
     pub users: Users,
     /// This node's entries in the per-user connection sets
-    /// (`<node>:<sid>` → set key), refreshed by the heartbeat
-    /// (`MAX_CONNECTIONS_PER_USER`, CONTRACT §2).
+    /// (`<node>:<sid>` → user id), refreshed by the heartbeat
+    /// (`MAX_CONNECTIONS_PER_USER`, CONTRACT §2; presence, §11).
     pub connections: dashmap::DashMap<String, String>,
+    /// Typing state of this node's users (`typing.rs`).
+    pub typing: Typing,
     /// Hands recovering sockets to the dispatcher (see [`RoomEntry`]).
     pub room_entries: mpsc::UnboundedSender<RoomEntry>,
     room_entries_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<RoomEntry>>>,
@@ -57,6 +63,7 @@ impl AppState {
         settings: Settings,
         node_id: String,
         bus: Arc<dyn Bus>,
+        presence: Arc<dyn Presence>,
         store: Store,
         verifier: Verifier,
         io: SocketIo,
@@ -74,6 +81,8 @@ impl AppState {
             proxies,
             users: Users::default(),
             connections: dashmap::DashMap::new(),
+            typing: Typing::default(),
+            presence,
             subscriptions: Subscriptions::new(bus.clone(), topics.clone()),
             pending: Pending::default(),
             settings,

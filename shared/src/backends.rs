@@ -4,12 +4,14 @@ use std::sync::Arc;
 
 use crate::bus::{memory::MemoryBus, redis::RedisBus, Bus};
 use crate::config::{Mode, Settings};
+use crate::presence::{memory::MemoryPresence, redis::RedisPresence, Presence};
 use crate::store::Store;
 
-/// The two backends of a process.
+/// The backends of a process.
 #[derive(Clone)]
 pub struct Backends {
     pub bus: Arc<dyn Bus>,
+    pub presence: Arc<dyn Presence>,
     pub store: Store,
     pub embedded: bool,
 }
@@ -33,8 +35,10 @@ impl Backends {
                 let store = Store::connect(&database_url, settings.db_pool_size)
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))?;
+                let presence = RedisPresence::new(bus.command_client(), &settings.redis_prefix);
                 Ok(Self {
                     bus: Arc::new(bus),
+                    presence: Arc::new(presence),
                     store,
                     embedded: false,
                 })
@@ -44,6 +48,7 @@ impl Backends {
                 store.migrate().await?;
                 Ok(Self {
                     bus: Arc::new(MemoryBus::new(settings.stream_max_len)),
+                    presence: Arc::new(MemoryPresence::new()),
                     store,
                     embedded: true,
                 })

@@ -55,6 +55,9 @@ fn default_fail_threshold() -> u64 {
 fn default_fail_window() -> u64 {
     60
 }
+fn default_refusal_linger() -> u64 {
+    1000
+}
 fn default_ping_interval() -> u64 {
     25_000
 }
@@ -86,7 +89,22 @@ fn default_connection_heartbeat_ms() -> u64 {
     10_000
 }
 fn default_connection_ttl_ms() -> u64 {
-    30_000
+    25_000
+}
+fn default_presence_max_members() -> usize {
+    1000
+}
+fn default_presence_offline_grace_ms() -> u64 {
+    5_000
+}
+fn default_presence_sweep_ms() -> u64 {
+    1_000
+}
+fn default_typing_interval_ms() -> u64 {
+    1_000
+}
+fn default_typing_timeout_ms() -> u64 {
+    6_000
 }
 fn default_rate_messages_per_s() -> f64 {
     10.0
@@ -252,6 +270,14 @@ pub struct Settings {
     /// The window of `AUTH_FAIL_THRESHOLD`, in seconds.
     #[serde(default = "default_fail_window")]
     pub auth_fail_window_s: u64,
+    /// How long a refused socket stays connected (with no handlers) after
+    /// its `connection:error` before the server disconnects it. socketioxide
+    /// tears the whole transport down, dropping unsent packets, when a
+    /// packet arrives for a socket already removed from its namespace; a
+    /// stock client that emits on `connect` would then never see its
+    /// refusal. Lingering lets the refusal reach it first.
+    #[serde(default = "default_refusal_linger")]
+    pub refusal_linger_ms: u64,
     /// Comma list of IPs and CIDRs of the reverse proxies in front of the
     /// gateways (nginx, ingress). Only a peer in this list is believed about
     /// `X-Forwarded-For`; empty trusts no proxy, so a client cannot pick the
@@ -301,7 +327,8 @@ pub struct Settings {
     #[serde(default = "default_connection_heartbeat_ms")]
     pub connection_heartbeat_ms: u64,
     /// How long a socket counts without a heartbeat: a dead node's sockets
-    /// stop counting after this (CONTRACT §2: within 30 s).
+    /// stop counting, and its users go offline, after this plus at most
+    /// `PRESENCE_SWEEP_MS` (CONTRACT §2 and §11: within 30 s).
     #[serde(default = "default_connection_ttl_ms")]
     pub connection_ttl_ms: u64,
     /// `message:send` per user and second, cluster-wide (token bucket
@@ -376,6 +403,27 @@ pub struct Settings {
     /// Most messages one catch-up or gap repair replays for one channel.
     #[serde(default = "default_recovery_max")]
     pub recovery_max_messages: u64,
+
+    /// Channels with more members get no `presence:changed` events and no
+    /// `online` list in `connection:success` (REST only); 0 turns presence
+    /// events off (CONTRACT §11).
+    #[serde(default = "default_presence_max_members")]
+    pub presence_max_members: usize,
+    /// A user whose last socket closed stays online this long: a reconnect
+    /// meanwhile is no change at all (debounces flapping connections).
+    #[serde(default = "default_presence_offline_grace_ms")]
+    pub presence_offline_grace_ms: u64,
+    /// How often each gateway looks for users gone offline.
+    #[serde(default = "default_presence_sweep_ms")]
+    pub presence_sweep_ms: u64,
+    /// Least time between two `typing` events forwarded per user and
+    /// channel (CONTRACT §11: one per second).
+    #[serde(default = "default_typing_interval_ms")]
+    pub typing_interval_ms: u64,
+    /// A `typing: true` not renewed within this is followed by `typing:
+    /// false` from the server.
+    #[serde(default = "default_typing_timeout_ms")]
+    pub typing_timeout_ms: u64,
 }
 
 impl Settings {

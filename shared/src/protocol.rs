@@ -31,6 +31,10 @@ pub mod events {
     pub const SERVER_SHUTDOWN: &str = "server:shutdown";
     pub const CHANNEL_SYNC: &str = "channel:sync";
     pub const CHANNEL_RECOVERED: &str = "channel:recovered";
+    pub const PRESENCE_CHANGED: &str = "presence:changed";
+    pub const TYPING_START: &str = "typing:start";
+    pub const TYPING_STOP: &str = "typing:stop";
+    pub const TYPING: &str = "typing";
 }
 
 /// Error strings a client may match on.
@@ -87,6 +91,9 @@ pub struct ConnectionSuccess {
     /// Per listed channel, the seq of its latest message (0 if none) at
     /// the handshake (CONTRACT §9): where a client's catch-up starts.
     pub positions: std::collections::BTreeMap<String, i64>,
+    /// Per listed channel with at most `PRESENCE_MAX_MEMBERS` members, its
+    /// members online now (CONTRACT §11).
+    pub online: std::collections::BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -212,6 +219,27 @@ pub struct UserJoined {
     pub user_id: String,
     pub channel_id: String,
     pub timestamp: String,
+}
+
+/// `presence:changed` (CONTRACT §11): a user came online or went offline.
+/// `timestamp` is when it was decided (one clock per backend): of two
+/// changes of one user, the later timestamp is the current state.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PresenceChanged {
+    pub channel_id: String,
+    pub user_id: String,
+    pub online: bool,
+    pub timestamp: String,
+}
+
+/// `typing` (CONTRACT §11), to the channel's members but the typist.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Typing {
+    pub channel_id: String,
+    pub user_id: String,
+    pub typing: bool,
 }
 
 /// `channel:user_left` (CONTRACT §3): `removed_by` is `None` for a
@@ -379,6 +407,10 @@ pub enum ChannelEvent {
     MessageRead(MessageReadEvent),
     UserJoined(UserJoined),
     UserLeft(UserLeft),
+    /// Volatile: published by gateways, never through the streams.
+    PresenceChanged(PresenceChanged),
+    /// Volatile, and not for the typist's own sockets.
+    Typing(Typing),
 }
 
 impl ChannelEvent {
@@ -390,6 +422,8 @@ impl ChannelEvent {
             ChannelEvent::MessageRead(_) => events::MESSAGE_READ,
             ChannelEvent::UserJoined(_) => events::CHANNEL_USER_JOINED,
             ChannelEvent::UserLeft(_) => events::CHANNEL_USER_LEFT,
+            ChannelEvent::PresenceChanged(_) => events::PRESENCE_CHANGED,
+            ChannelEvent::Typing(_) => events::TYPING,
         }
     }
 }

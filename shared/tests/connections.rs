@@ -1,63 +1,159 @@
-//! Per-user connection sets (`MAX_CONNECTIONS_PER_USER`) on both backends:
-//! the cap, idempotent re-claims, release, refresh, and expiry.
+//! Per-user connection sets and online presence on both backends
+//! (CONTRACT §2 `MAX_CONNECTIONS_PER_USER`, §11): the cap, idempotent
+//! re-claims, release, refresh, expiry, the online transitions, the offline
+//! grace, and a sweep reporting each offline user once.
 
 use std::time::Duration;
 
-use switchboard_shared::bus::memory::MemoryBus;
 use switchboard_shared::bus::redis::RedisBus;
-use switchboard_shared::bus::Bus;
+use switchboard_shared::presence::memory::MemoryPresence;
+use switchboard_shared::presence::redis::RedisPresence;
+use switchboard_shared::presence::{Claim, Presence};
 
-async fn cap_release_expire(bus: &dyn Bus, key: &str) {
+fn accepted(c: Claim) -> bool {
+    matches!(c, Claim::Accepted { .. })
+}
+
+async fn cap_release_expire(p: &dyn Presence, user: &str) {
     let ttl = Duration::from_millis(400);
+    let grace = Duration::ZERO;
     for i in 0..3 {
-        assert!(bus
-            .claim_connection(key, &format!("n:{i}"), 3, ttl)
-            .await
-            .expect("claim"));
+        assert!(accepted(
+            p.claim(user, &format!("n:{i}"), 3, ttl)
+                .await
+                .expect("claim")
+        ));
     }
-    assert!(
-        !bus.claim_connection(key, "n:3", 3, ttl)
-            .await
-            .expect("claim"),
+    assert_eq!(
+        p.claim(user, "n:3", 3, ttl).await.expect("claim"),
+        Claim::Refused,
         "cap"
     );
     assert!(
-        bus.claim_connection(key, "n:0", 3, ttl)
-            .await
-            .expect("claim"),
+        accepted(p.claim(user, "n:0", 3, ttl).await.expect("claim")),
         "re-claim"
     );
-    bus.release_connection(key, "n:1").await.expect("release");
+    p.release(user, "n:1", grace).await.expect("release");
     assert!(
-        bus.claim_connection(key, "n:3", 3, ttl)
-            .await
-            .expect("claim"),
+        accepted(p.claim(user, "n:3", 3, ttl).await.expect("claim")),
         "freed"
     );
     // Refreshed entries outlive the TTL; the others expire.
     for _ in 0..3 {
         tokio::time::sleep(Duration::from_millis(200)).await;
-        bus.refresh_connections(&[(key.to_string(), "n:0".to_string())], ttl)
+        p.refresh(&[(user.to_string(), "n:0".to_string())], ttl)
             .await
             .expect("refresh");
     }
-    assert!(bus.claim_connection(key, "a", 3, ttl).await.expect("claim"));
-    assert!(bus.claim_connection(key, "b", 3, ttl).await.expect("claim"));
-    assert!(
-        !bus.claim_connection(key, "c", 3, ttl).await.expect("claim"),
+    assert!(accepted(p.claim(user, "a", 3, ttl).await.expect("claim")));
+    assert!(accepted(p.claim(user, "b", 3, ttl).await.expect("claim")));
+    assert_eq!(
+        p.claim(user, "c", 3, ttl).await.expect("claim"),
+        Claim::Refused,
         "n:0 still counts"
     );
-    // A released entry is not brought back by a refresh.
-    bus.release_connection(key, "a").await.expect("release");
-    bus.refresh_connections(&[(key.to_string(), "a".to_string())], ttl)
+    // No cap: limit 0.
+    assert!(accepted(p.claim(user, "d", 0, ttl).await.expect("claim")));
+}
+
+async fn online_offline(p: &dyn Presence, tag: &str) {
+    let ttl = Duration::from_secs(5);
+    let grace = Duration::from_millis(300);
+    let alice = format!("{tag}-alice");
+    let bob = format!("{tag}-bob");
+    let users = [alice.clone(), bob.clone()];
+    assert_eq!(p.online(&users).await.expect("online"), [false, false]);
+
+    // The first socket is a transition, the second is not.
+    let first = p.claim(&alice, "n1:a", 0, ttl).await.expect("claim");
+    assert!(
+        matches!(first, Claim::Accepted { came_online: Some(t) } if t > 0),
+        "{first:?}"
+    );
+    let second = p.claim(&alice, "n2:b", 0, ttl).await.expect("claim");
+    assert_eq!(second, Claim::Accepted { came_online: None });
+    assert_eq!(p.online(&users).await.expect("online"), [true, false]);
+
+    // One socket closes: still online, nothing to sweep.
+    p.release(&alice, "n1:a", grace).await.expect("release");
+    tokio::time::sleep(grace * 2).await;
+    assert!(p
+        .sweep(100)
+        .await
+        .expect("sweep")
+        .iter()
+        .all(|g| g.user_id != alice));
+    assert_eq!(p.online(&users).await.expect("online"), [true, false]);
+
+    // The last closes and the user comes back within the grace: no
+    // transition either way.
+    p.release(&alice, "n2:b", grace).await.expect("release");
+    assert_eq!(
+        p.claim(&alice, "n3:c", 0, ttl).await.expect("claim"),
+        Claim::Accepted { came_online: None }
+    );
+    tokio::time::sleep(grace * 2).await;
+    assert!(p
+        .sweep(100)
+        .await
+        .expect("sweep")
+        .iter()
+        .all(|g| g.user_id != alice));
+
+    // The last closes for good: online during the grace, then swept once.
+    p.release(&alice, "n3:c", grace).await.expect("release");
+    assert_eq!(p.online(&users).await.expect("online"), [true, false]);
+    assert!(p
+        .sweep(100)
+        .await
+        .expect("sweep")
+        .iter()
+        .all(|g| g.user_id != alice));
+    tokio::time::sleep(grace * 2).await;
+    let gone = p.sweep(100).await.expect("sweep");
+    assert_eq!(
+        gone.iter().filter(|g| g.user_id == alice).count(),
+        1,
+        "{gone:?}"
+    );
+    assert!(p
+        .sweep(100)
+        .await
+        .expect("sweep")
+        .iter()
+        .all(|g| g.user_id != alice));
+    assert_eq!(p.online(&users).await.expect("online"), [false, false]);
+
+    // A node that dies never releases: its entry expires and the sweep
+    // takes the user offline.
+    let short = Duration::from_millis(300);
+    let claim = p.claim(&bob, "dead:x", 0, short).await.expect("claim");
+    assert!(matches!(
+        claim,
+        Claim::Accepted {
+            came_online: Some(_)
+        }
+    ));
+    tokio::time::sleep(short * 2).await;
+    let gone = p.sweep(100).await.expect("sweep");
+    assert_eq!(
+        gone.iter().filter(|g| g.user_id == bob).count(),
+        1,
+        "{gone:?}"
+    );
+
+    // A heartbeat adds back an entry the backend lost.
+    p.refresh(&[(bob.clone(), "n1:y".to_string())], ttl)
         .await
         .expect("refresh");
-    assert!(bus.claim_connection(key, "c", 3, ttl).await.expect("claim"));
+    assert_eq!(p.online(&users).await.expect("online"), [false, true]);
 }
 
 #[tokio::test]
 async fn memory_connections() {
-    cap_release_expire(&MemoryBus::new(10), "mem:conns:u").await;
+    let p = MemoryPresence::new();
+    cap_release_expire(&p, "u").await;
+    online_offline(&p, "mem").await;
 }
 
 #[tokio::test]
@@ -65,9 +161,13 @@ async fn redis_connections() {
     let url = std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let prefix = format!("sbconn:{}", uuid::Uuid::now_v7().simple());
     let bus = RedisBus::connect(&url, &prefix, 10).await.expect("redis");
-    let key = format!("{prefix}:conns:u");
-    cap_release_expire(&bus, &key).await;
-    let _ = std::process::Command::new("redis-cli")
-        .args(["del", &key])
+    let p = RedisPresence::new(bus.command_client(), &prefix);
+    cap_release_expire(&p, "u").await;
+    online_offline(&p, "redis").await;
+    let _ = std::process::Command::new("sh")
+        .args([
+            "-c",
+            &format!("redis-cli --scan --pattern '{prefix}:*' | xargs -r redis-cli del"),
+        ])
         .status();
 }

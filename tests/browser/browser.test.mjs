@@ -291,6 +291,17 @@ test('two users chat through the demo page', async (t) => {
     await waitVisible(bob, messageItem(bob, hello), 'first channel history');
   });
 
+  await t.test('presence and typing: each sees the other online; "Bob is typing…" on alice\'s page until he sends', async () => {
+    await waitVisible(alice, alice.page.getByTestId('online-members').filter({ hasText: 'Bob' }), 'bob online on alice\'s page');
+    await waitVisible(bob, bob.page.getByTestId('online-members').filter({ hasText: 'Alice' }), 'alice online on bob\'s page');
+    await bob.page.getByTestId('composer-input').pressSequentially('typing something', { delay: 20 });
+    await waitVisible(alice, alice.page.getByTestId('typing-indicator').filter({ hasText: 'Bob is typing…' }), 'typing indicator');
+    assert.equal((await bob.page.getByTestId('typing-indicator').textContent()).trim(), '', 'bob does not see his own typing');
+    await bob.page.getByTestId('send-button').click();
+    await waitVisible(alice, messageItem(alice, 'typing something'), 'the typed message');
+    await waitVisible(alice, alice.page.locator('[data-testid="typing-indicator"]:empty'), 'typing indicator cleared');
+  });
+
   await t.test('no script errors on either page', () => {
     const errors = [...alice.logs, ...bob.logs].filter((l) => l.startsWith('pageerror'));
     assert.deepEqual(errors, []);

@@ -69,8 +69,11 @@ impl FromMessageParts<LocalAdapter> for Enqueue {
 /// events by name, anything else as "other" (client-chosen names would make
 /// the label set unbounded).
 fn event_label(event: &str) -> &'static str {
-    const KNOWN: [&str; 6] = [
+    const KNOWN: [&str; 9] = [
         "message:send",
+        "channel:leave",
+        "typing:start",
+        "typing:stop",
         "reaction:add",
         "reaction:remove",
         "message:read",
@@ -100,6 +103,8 @@ fn refuse_full(s: &Arc<Socket<LocalAdapter>>, inbound: Inbound) {
             .map(String::from)
     };
     let _ = match inbound.event.as_str() {
+        // Volatile: dropped without an answer.
+        events::TYPING_START | events::TYPING_STOP => return,
         events::MESSAGE_SEND => s.emit(
             events::MESSAGE_FAILED,
             &MessageFailed::new(ERROR, field("tempId")),

@@ -38,6 +38,8 @@ use switchboard_shared::protocol::{
 use tokio::sync::mpsc;
 use uuid::Uuid;
 
+use switchboard_shared::presence::Claim;
+
 use crate::auth::{AuthError, Identity};
 use crate::state::{channel_room, user_room, App, NAMESPACES};
 use inbox::{Enqueue, Inbound, InboxTx};
@@ -45,7 +47,7 @@ pub use session::Session;
 use session::SessionGuard;
 
 /// Events a client may send; anything else is ignored.
-const CLIENT_EVENTS: [&str; 7] = [
+const CLIENT_EVENTS: [&str; 9] = [
     events::MESSAGE_SEND,
     events::MESSAGE_READ,
     events::REACTION_ADD,
@@ -53,6 +55,8 @@ const CLIENT_EVENTS: [&str; 7] = [
     events::CHANNEL_JOIN,
     events::CHANNEL_LEAVE,
     events::CHANNEL_SYNC,
+    events::TYPING_START,
+    events::TYPING_STOP,
 ];
 
 /// The stream entry of a command from socket `s`: where its answer goes,
@@ -77,6 +81,9 @@ enum Handshake {
         success: Arc<ConnectionSuccess>,
         /// Channels to replay after `connection:success`, from these seqs.
         since: Arc<Vec<(Uuid, i64)>>,
+        /// The user came online with this socket (when, ms): announced
+        /// after `connection:success`.
+        came_online: Option<i64>,
     },
     Refused {
         attempt: u64,
@@ -218,48 +225,44 @@ async fn handshake(
         .await
         .map_err(|e| unavailable(&e))?;
     let ids: Vec<Uuid> = channels.iter().map(|(c, _)| *c).collect();
-    // MAX_CONNECTIONS_PER_USER, cluster-wide (CONTRACT §2): one entry per
-    // socket in the user's set, refreshed by this node's heartbeat. Claimed
-    // last, so that nothing awaits between the claim and the session that
-    // gives it back (an entry claimed by a vanished handshake just expires).
+    // MAX_CONNECTIONS_PER_USER, cluster-wide (CONTRACT §2), and presence
+    // (§11): one entry per socket in the user's set, refreshed by this
+    // node's heartbeat. Claimed last, so that nothing awaits between the
+    // claim and the session that gives it back (an entry claimed by a
+    // vanished handshake just expires).
     let member = format!("{}:{}", app.node_id, s.id);
-    let mut claimed_key = None;
-    if app.settings.max_connections_per_user > 0 {
-        let key = app.topics.connections(&user.id);
-        let claimed = app
-            .bus
-            .claim_connection(
-                &key,
-                &member,
-                app.settings.max_connections_per_user,
-                Duration::from_millis(app.settings.connection_ttl_ms),
-            )
-            .await;
-        match claimed {
-            Ok(true) => claimed_key = Some(key),
-            Ok(false) => {
-                app.subscriptions.release(&ids).await;
-                metrics::counter!("gateway_connections_refused_total", "reason" => "too_many")
-                    .increment(1);
-                return Err(Handshake::Refused {
-                    attempt: 0,
-                    reason: "too_many_connections",
-                    error: "Too many connections",
-                });
-            }
-            Err(e) => {
-                app.subscriptions.release(&ids).await;
-                return Err(unavailable(&e));
-            }
+    let claimed = app
+        .presence
+        .claim(
+            &user.id,
+            &member,
+            app.settings.max_connections_per_user,
+            Duration::from_millis(app.settings.connection_ttl_ms),
+        )
+        .await;
+    let came_online = match claimed {
+        Ok(Claim::Accepted { came_online }) => came_online,
+        Ok(Claim::Refused) => {
+            app.subscriptions.release(&ids).await;
+            metrics::counter!("gateway_connections_refused_total", "reason" => "too_many")
+                .increment(1);
+            return Err(Handshake::Refused {
+                attempt: 0,
+                reason: "too_many_connections",
+                error: "Too many connections",
+            });
         }
-    }
+        Err(e) => {
+            app.subscriptions.release(&ids).await;
+            return Err(unavailable(&e));
+        }
+    };
     // From here on the session owns the subscriptions just retained, and
     // the connection entry.
     let session = Session::open(app, user, s.ns(), &ids);
-    if let Some(key) = claimed_key {
-        app.connections.insert(member.clone(), key);
-        session.hold_connection(member);
-    }
+    app.connections
+        .insert(member.clone(), session.user.id.clone());
+    session.hold_connection(member);
     s.extensions.insert(Arc::new(SessionGuard {
         app: app.clone(),
         session: session.clone(),
@@ -280,10 +283,12 @@ async fn handshake(
         user_id: session.user.id.clone(),
         channels: ids.iter().map(Uuid::to_string).collect(),
         positions: channels.iter().map(|(c, p)| (c.to_string(), *p)).collect(),
+        online: crate::presence::online_lists(app, &session.user.id).await,
     };
     Ok(Handshake::Accepted {
         success: Arc::new(success),
         since: Arc::new(since),
+        came_online,
     })
 }
 
@@ -413,6 +418,12 @@ async fn handle_event(app: &App, s: &SocketRef, session: &Session, inbound: Inbo
         events::MESSAGE_READ => reactions::read(app, s, session, inbound).await,
         events::REACTION_ADD => reactions::react(app, s, session, inbound, true).await,
         events::REACTION_REMOVE => reactions::react(app, s, session, inbound, false).await,
+        events::TYPING_START => {
+            crate::typing::on_event(app, session, inbound.data.as_ref(), true).await
+        }
+        events::TYPING_STOP => {
+            crate::typing::on_event(app, session, inbound.data.as_ref(), false).await
+        }
         _ => {}
     }
 }
@@ -459,9 +470,16 @@ pub async fn recover(
 
 async fn on_connect(app: App, s: SocketRef) {
     match s.extensions.get::<Handshake>() {
-        Some(Handshake::Accepted { success, since }) => {
+        Some(Handshake::Accepted {
+            success,
+            since,
+            came_online,
+        }) => {
             metrics::counter!("gateway_handshakes_total", "result" => "accepted").increment(1);
             let sent = s.emit(events::CONNECTION_SUCCESS, &*success);
+            if let Some(at) = came_online {
+                crate::presence::announce(&app, success.user_id.clone(), true, at);
+            }
             // A client that left during the handshake: disconnecting runs
             // the disconnect handler, which gives its resources back.
             if sent.is_err() || app.is_draining() {
@@ -487,6 +505,12 @@ async fn on_connect(app: App, s: SocketRef) {
                     reconnect_attempt: attempt,
                 },
             );
+            // Not at once: a packet the client sends (an emit on `connect`
+            // is common) for a socket already gone from the namespace makes
+            // socketioxide close the whole transport, dropping the refusal
+            // still queued. Meanwhile the socket has no handlers, so what it
+            // sends is ignored. See `Settings::refusal_linger_ms`.
+            tokio::time::sleep(Duration::from_millis(app.settings.refusal_linger_ms)).await;
             let _ = s.disconnect();
         }
         None => {

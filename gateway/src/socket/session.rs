@@ -192,21 +192,10 @@ impl Session {
             .unwrap_or_else(|p| p.into_inner())
             .take();
         if let Some(member) = held {
-            release_connection(app, &member).await;
+            crate::presence::release(app, &member).await;
         }
         app.count_socket(&self.ns, -1);
         metrics::gauge!("gateway_sockets_connected").decrement(1.0);
-    }
-}
-
-/// Stops counting a connection-set entry of this node. If Redis cannot be
-/// reached the entry simply expires (`CONNECTION_TTL_MS`): the heartbeat no
-/// longer refreshes it.
-pub async fn release_connection(app: &App, member: &str) {
-    if let Some((_, key)) = app.connections.remove(member) {
-        if let Err(e) = app.bus.release_connection(&key, member).await {
-            tracing::debug!(error = %e, "connection entry left to expire");
-        }
     }
 }
 

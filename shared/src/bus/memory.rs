@@ -37,8 +37,6 @@ struct State {
     workers: HashMap<String, Instant>,
     keys: HashMap<String, (String, Instant)>,
     counters: HashMap<String, (u64, Instant)>,
-    /// Live sockets per user set: member → expiry.
-    connections: HashMap<String, HashMap<String, Instant>>,
     /// Token buckets: level and when it was last taken from.
     buckets: HashMap<String, (f64, Instant)>,
     subscribed: HashSet<String>,
@@ -169,54 +167,6 @@ impl Bus for MemoryBus {
         };
         self.appended.notify_waiters();
         Ok(id)
-    }
-
-    async fn claim_connection(
-        &self,
-        key: &str,
-        member: &str,
-        limit: usize,
-        ttl: Duration,
-    ) -> BusResult<bool> {
-        let now = Instant::now();
-        let mut state = self.lock();
-        let set = state.connections.entry(key.to_string()).or_default();
-        set.retain(|_, exp| *exp > now);
-        if !set.contains_key(member) && set.len() >= limit {
-            return Ok(false);
-        }
-        set.insert(member.to_string(), now + ttl);
-        Ok(true)
-    }
-
-    async fn refresh_connections(
-        &self,
-        entries: &[(String, String)],
-        ttl: Duration,
-    ) -> BusResult<()> {
-        let now = Instant::now();
-        let mut state = self.lock();
-        for (key, member) in entries {
-            if let Some(exp) = state
-                .connections
-                .get_mut(key)
-                .and_then(|s| s.get_mut(member))
-            {
-                *exp = now + ttl;
-            }
-        }
-        Ok(())
-    }
-
-    async fn release_connection(&self, key: &str, member: &str) -> BusResult<()> {
-        let mut state = self.lock();
-        if let Some(set) = state.connections.get_mut(key) {
-            set.remove(member);
-            if set.is_empty() {
-                state.connections.remove(key);
-            }
-        }
-        Ok(())
     }
 
     async fn take_token(&self, limit: &RateLimit) -> BusResult<Result<(), u64>> {

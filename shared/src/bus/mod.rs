@@ -166,10 +166,6 @@ impl Topics {
     pub fn counter(&self, key: &str) -> String {
         format!("{}:count:{}", self.prefix, key)
     }
-    /// Sorted set of a user's live sockets (`<node>:<sid>`, score: expiry).
-    pub fn connections(&self, user_id: &str) -> String {
-        format!("{}:conns:{}", self.prefix, user_id)
-    }
     /// A user's token bucket of one rate-limited area (`messages`, …).
     pub fn rate(&self, area: &str, user_id: &str) -> String {
         format!("{}:rate:{}:{}", self.prefix, area, user_id)
@@ -216,26 +212,6 @@ pub trait Bus: Send + Sync + 'static {
         entries: Vec<(u32, Bytes)>,
         limit: Option<RateLimit>,
     ) -> Vec<BusResult<String>>;
-
-    /// Counts socket `member` in the set `key` unless it already holds
-    /// `limit` live ones (expired entries are dropped first); the entry
-    /// expires `ttl` from now unless refreshed. `false`: over the limit.
-    async fn claim_connection(
-        &self,
-        key: &str,
-        member: &str,
-        limit: usize,
-        ttl: Duration,
-    ) -> BusResult<bool>;
-    /// Pushes the expiry of existing entries `(key, member)` to `ttl` from
-    /// now, in one round trip (a node's heartbeat).
-    async fn refresh_connections(
-        &self,
-        entries: &[(String, String)],
-        ttl: Duration,
-    ) -> BusResult<()>;
-    /// Stops counting a socket.
-    async fn release_connection(&self, key: &str, member: &str) -> BusResult<()>;
 
     /// Takes one token from a bucket on its own (the areas that are not on
     /// the `message:send` hot path): `Ok(Err(ms))` when it is empty, with

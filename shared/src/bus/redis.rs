@@ -96,31 +96,6 @@ return 0
 "#
 );
 
-/// Counts a socket in a user's set (score: expiry, Redis time) unless it
-/// already holds ARGV[2] live ones; ARGV[3] is the TTL in ms.
-const CONN_CLAIM_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if not redis.call('ZSCORE', KEYS[1], ARGV[1]) and
-   redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then
-  return 0
-end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
-return 1
-"#;
-
-/// Pushes the expiry of an existing entry (a heartbeat); a released entry
-/// is not brought back.
-const CONN_REFRESH_LUA: &str = r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZADD', KEYS[1], 'XX', now + tonumber(ARGV[2]), ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-return 1
-"#;
-
 /// Acknowledges and deletes entries.
 const ACK_LUA: &str = r#"
 redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
@@ -233,8 +208,6 @@ return n
 const INCOMING_CAPACITY: usize = 4096;
 
 struct Scripts {
-    conn_claim: Script,
-    conn_refresh: Script,
     append: Script,
     token: Script,
     ack: Script,
@@ -309,8 +282,6 @@ impl RedisBus {
             incoming,
             gaps,
             scripts: Scripts {
-                conn_claim: Script::from_lua(CONN_CLAIM_LUA),
-                conn_refresh: Script::from_lua(CONN_REFRESH_LUA),
                 append: Script::from_lua(APPEND_LUA),
                 token: Script::from_lua(TOKEN_LUA),
                 ack: Script::from_lua(ACK_LUA),
@@ -331,6 +302,12 @@ impl RedisBus {
                 ..Default::default()
             },
         })
+    }
+
+    /// The command connection, for [`crate::presence::redis::RedisPresence`]
+    /// (a clone shares the connection).
+    pub fn command_client(&self) -> Client {
+        self.cmd.clone()
     }
 
     /// The key of a bucket checked with an append to `stream`: on a Redis
@@ -636,81 +613,6 @@ impl Bus for RedisBus {
             return out;
         }
         self.append_pipelined(entries, None).await
-    }
-
-    async fn claim_connection(
-        &self,
-        key: &str,
-        member: &str,
-        limit: usize,
-        ttl: Duration,
-    ) -> BusResult<bool> {
-        let ok: i64 = self
-            .run(
-                &self.scripts.conn_claim,
-                true,
-                vec![key.to_string()],
-                vec![
-                    Value::from(member),
-                    Value::from(limit as i64),
-                    Value::from(ttl.as_millis() as i64),
-                ],
-            )
-            .await
-            .map_err(unavailable)?;
-        Ok(ok == 1)
-    }
-
-    async fn refresh_connections(
-        &self,
-        entries: &[(String, String)],
-        ttl: Duration,
-    ) -> BusResult<()> {
-        // One script call per entry, pipelined (each touches one key, so
-        // this also works on a Redis Cluster). The script is loaded by the
-        // claims that created the entries; a NOSCRIPT here is retried by
-        // the next heartbeat after a claim reloaded it.
-        for chunk in entries.chunks(500) {
-            let pipeline = self.cmd.pipeline();
-            let evalsha = CustomCommand::new_static("EVALSHA", None, false);
-            for (key, member) in chunk {
-                let args = vec![
-                    Value::from(self.scripts.conn_refresh.sha1().clone()),
-                    Value::from(1i64),
-                    Value::from(key.as_str()),
-                    Value::from(member.as_str()),
-                    Value::from(ttl.as_millis() as i64),
-                ];
-                let _: Result<(), _> = pipeline.custom(evalsha.clone(), args).await;
-            }
-            let results = pipeline.try_all::<Value>().await;
-            if results
-                .iter()
-                .any(|r| matches!(r, Err(e) if e.details().contains("NOSCRIPT")))
-            {
-                self.scripts
-                    .conn_refresh
-                    .load(&self.cmd)
-                    .await
-                    .map_err(unavailable)?;
-            }
-            if let Some(Err(e)) = results.into_iter().find(|r| r.is_err()) {
-                return Err(unavailable(e));
-            }
-        }
-        Ok(())
-    }
-
-    async fn release_connection(&self, key: &str, member: &str) -> BusResult<()> {
-        let _: Value = self
-            .cmd
-            .custom(
-                CustomCommand::new_static("ZREM", None, false),
-                vec![Value::from(key), Value::from(member)],
-            )
-            .await
-            .map_err(unavailable)?;
-        Ok(())
     }
 
     async fn take_token(&self, limit: &RateLimit) -> BusResult<Result<(), u64>> {

@@ -4,6 +4,7 @@
 
 pub mod entities;
 pub mod migration;
+mod presence;
 
 use std::collections::HashMap;
 use std::path::Path;

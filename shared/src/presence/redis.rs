@@ -1,0 +1,350 @@
+//! The Redis [`Presence`]: per-user sorted sets of live sockets and a
+//! per-bucket sorted set of online users, changed only by Lua scripts (one
+//! atomic step, one round trip, keys of one hash-tagged bucket so it works
+//! on a Redis Cluster as on a single Redis).
+//!
+//! Keys, with `b` = [`super::bucket_of`]`(user)`:
+//! - `<prefix>:conns:{pr<b>}:<user>`: members `<node>:<sid>`, score = expiry
+//!   (ms, Redis time); the key itself expires with its last entry;
+//! - `<prefix>:online:{pr<b>}`: members = users, score = when to look at
+//!   the user again (their latest expiry, or the end of the offline grace).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use fred::prelude::*;
+use fred::types::scripts::Script;
+use fred::types::CustomCommand;
+
+use super::{bucket_of, Claim, Presence, WentOffline, BUCKETS};
+use crate::bus::{BusError, BusResult};
+
+/// `now` in ms on Redis' clock, the first lines of every script.
+macro_rules! now_lua {
+    () => {
+        "local t = redis.call('TIME')\n\
+         local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)\n"
+    };
+}
+
+/// KEYS: conns, online. ARGV: member, limit (0: none), ttl ms, user.
+/// Returns -1 (over the limit), 0 (counted), or the time the user came
+/// online.
+const CLAIM_LUA: &str = concat!(
+    now_lua!(),
+    r#"
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+local limit = tonumber(ARGV[2])
+if limit > 0 and not redis.call('ZSCORE', KEYS[1], ARGV[1]) and
+   redis.call('ZCARD', KEYS[1]) >= limit then
+  return -1
+end
+local expiry = now + tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], expiry, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if redis.call('ZADD', KEYS[2], 'GT', expiry, ARGV[4]) == 1 then
+  return now
+end
+return 0
+"#
+);
+
+/// A heartbeat of one entry. KEYS: conns, online. ARGV: member, ttl ms,
+/// user. Re-adds an entry Redis lost (an empty restart), so presence and
+/// the counts heal within one heartbeat.
+const REFRESH_LUA: &str = concat!(
+    now_lua!(),
+    r#"
+local expiry = now + tonumber(ARGV[2])
+redis.call('ZADD', KEYS[1], expiry, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+redis.call('ZADD', KEYS[2], 'GT', expiry, ARGV[3])
+return 0
+"#
+);
+
+/// KEYS: conns, online. ARGV: member, grace ms, user.
+const RELEASE_LUA: &str = concat!(
+    now_lua!(),
+    r#"
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) == 0 then
+  redis.call('ZADD', KEYS[2], 'XX', now + tonumber(ARGV[2]), ARGV[3])
+end
+return 0
+"#
+);
+
+/// KEYS: online (one bucket). ARGV: the bucket's conns key prefix, max.
+/// Returns {now, users gone offline...}.
+const SWEEP_LUA: &str = concat!(
+    now_lua!(),
+    r#"
+local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local out = {now}
+for _, u in ipairs(due) do
+  local k = ARGV[1] .. u
+  redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
+  local top = redis.call('ZRANGE', k, -1, -1, 'WITHSCORES')
+  if #top == 0 then
+    redis.call('ZREM', KEYS[1], u)
+    out[#out + 1] = u
+  else
+    redis.call('ZADD', KEYS[1], top[2], u)
+  end
+end
+return out
+"#
+);
+
+pub struct RedisPresence {
+    prefix: String,
+    client: Client,
+    claim: Script,
+    refresh: Script,
+    release: Script,
+    sweep: Script,
+    /// A handshake waits on its claim: fail at once while Redis is down.
+    fail_fast: Options,
+}
+
+fn unavailable(e: impl std::fmt::Display) -> BusError {
+    BusError::Unavailable(e.to_string())
+}
+
+fn is_noscript(e: &fred::error::Error) -> bool {
+    e.details().contains("NOSCRIPT")
+}
+
+impl RedisPresence {
+    /// Uses `client` (the bus' command connection) under `prefix`.
+    pub fn new(client: Client, prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_string(),
+            client,
+            claim: Script::from_lua(CLAIM_LUA),
+            refresh: Script::from_lua(REFRESH_LUA),
+            release: Script::from_lua(RELEASE_LUA),
+            sweep: Script::from_lua(SWEEP_LUA),
+            fail_fast: Options {
+                fail_fast: true,
+                max_attempts: Some(1),
+                timeout: Some(Duration::from_secs(3)),
+                ..Default::default()
+            },
+        }
+    }
+
+    fn tag(bucket: u32) -> String {
+        format!("{{pr{bucket}}}")
+    }
+
+    fn conns_prefix(&self, bucket: u32) -> String {
+        format!("{}:conns:{}:", self.prefix, Self::tag(bucket))
+    }
+
+    fn online_key(&self, bucket: u32) -> String {
+        format!("{}:online:{}", self.prefix, Self::tag(bucket))
+    }
+
+    /// The two keys of a user: their socket set and their bucket's index.
+    fn keys(&self, user_id: &str) -> Vec<String> {
+        let b = bucket_of(user_id);
+        vec![
+            format!("{}{user_id}", self.conns_prefix(b)),
+            self.online_key(b),
+        ]
+    }
+
+    /// `EVALSHA` of one script, loading it when Redis does not know it.
+    async fn eval(
+        &self,
+        script: &Script,
+        fail_fast: bool,
+        keys: Vec<String>,
+        args: Vec<Value>,
+    ) -> Result<Value, fred::error::Error> {
+        let opts = if fail_fast {
+            self.fail_fast.clone()
+        } else {
+            Options::default()
+        };
+        let client = self.client.with_options(&opts);
+        let mut argv: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
+        argv.push(Value::from(script.sha1().clone()));
+        argv.push(Value::from(keys.len() as i64));
+        argv.extend(keys.into_iter().map(Value::from));
+        argv.extend(args);
+        let evalsha = CustomCommand::new_static("EVALSHA", None, false);
+        match client.custom(evalsha.clone(), argv.clone()).await {
+            Err(e) if is_noscript(&e) => {
+                script.load(&self.client).await?;
+                client.custom(evalsha, argv).await
+            }
+            other => other,
+        }
+    }
+
+    /// Runs one script many times in one pipeline (one round trip); calls
+    /// refused with `NOSCRIPT` (Redis restarted) are run again once loaded.
+    async fn eval_many(
+        &self,
+        script: &Script,
+        calls: Vec<(Vec<String>, Vec<Value>)>,
+    ) -> Result<Vec<Value>, fred::error::Error> {
+        let argv = |(keys, args): &(Vec<String>, Vec<Value>)| {
+            let mut v: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
+            v.push(Value::from(script.sha1().clone()));
+            v.push(Value::from(keys.len() as i64));
+            v.extend(keys.iter().map(|k| Value::from(k.as_str())));
+            v.extend(args.iter().cloned());
+            v
+        };
+        let evalsha = CustomCommand::new_static("EVALSHA", None, false);
+        let pipeline = self.client.pipeline();
+        for call in &calls {
+            let _: Result<(), _> = pipeline.custom(evalsha.clone(), argv(call)).await;
+        }
+        let mut results = pipeline.try_all::<Value>().await;
+        if results
+            .iter()
+            .any(|r| matches!(r, Err(e) if is_noscript(e)))
+        {
+            script.load(&self.client).await?;
+            for (i, call) in calls.iter().enumerate() {
+                if matches!(&results[i], Err(e) if is_noscript(e)) {
+                    results[i] = self.client.custom(evalsha.clone(), argv(call)).await;
+                }
+            }
+        }
+        results.into_iter().collect()
+    }
+}
+
+#[async_trait]
+impl Presence for RedisPresence {
+    async fn claim(
+        &self,
+        user_id: &str,
+        member: &str,
+        limit: usize,
+        ttl: Duration,
+    ) -> BusResult<Claim> {
+        let reply = self
+            .eval(
+                &self.claim,
+                true,
+                self.keys(user_id),
+                vec![
+                    Value::from(member),
+                    Value::from(limit as i64),
+                    Value::from(ttl.as_millis() as i64),
+                    Value::from(user_id),
+                ],
+            )
+            .await
+            .map_err(unavailable)?;
+        match reply.as_i64() {
+            Some(-1) => Ok(Claim::Refused),
+            Some(0) => Ok(Claim::Accepted { came_online: None }),
+            Some(at) => Ok(Claim::Accepted {
+                came_online: Some(at),
+            }),
+            None => Err(BusError::Protocol(format!("presence claim: {reply:?}"))),
+        }
+    }
+
+    async fn refresh(&self, entries: &[(String, String)], ttl: Duration) -> BusResult<()> {
+        let ttl = ttl.as_millis() as i64;
+        for chunk in entries.chunks(500) {
+            let calls = chunk
+                .iter()
+                .map(|(user, member)| {
+                    (
+                        self.keys(user),
+                        vec![
+                            Value::from(member.as_str()),
+                            Value::from(ttl),
+                            Value::from(user.as_str()),
+                        ],
+                    )
+                })
+                .collect();
+            self.eval_many(&self.refresh, calls)
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    async fn release(&self, user_id: &str, member: &str, grace: Duration) -> BusResult<()> {
+        self.eval(
+            &self.release,
+            false,
+            self.keys(user_id),
+            vec![
+                Value::from(member),
+                Value::from(grace.as_millis() as i64),
+                Value::from(user_id),
+            ],
+        )
+        .await
+        .map_err(unavailable)?;
+        Ok(())
+    }
+
+    async fn sweep(&self, max: usize) -> BusResult<Vec<WentOffline>> {
+        let per_bucket = max.div_ceil(BUCKETS as usize).max(1) as i64;
+        let calls = (0..BUCKETS)
+            .map(|b| {
+                (
+                    vec![self.online_key(b)],
+                    vec![Value::from(self.conns_prefix(b)), Value::from(per_bucket)],
+                )
+            })
+            .collect();
+        let replies = self
+            .eval_many(&self.sweep, calls)
+            .await
+            .map_err(unavailable)?;
+        let mut gone = Vec::new();
+        for reply in replies {
+            let mut items = reply.into_array().into_iter();
+            let at_ms = items.next().and_then(|v| v.as_i64()).unwrap_or_default();
+            gone.extend(
+                items
+                    .filter_map(|u| u.into_string())
+                    .map(|user_id| WentOffline { user_id, at_ms }),
+            );
+        }
+        Ok(gone)
+    }
+
+    async fn online(&self, user_ids: &[String]) -> BusResult<Vec<bool>> {
+        let mut by_bucket: Vec<Vec<usize>> = vec![Vec::new(); BUCKETS as usize];
+        for (i, u) in user_ids.iter().enumerate() {
+            by_bucket[bucket_of(u) as usize].push(i);
+        }
+        let zmscore = CustomCommand::new_static("ZMSCORE", None, false);
+        let pipeline = self.client.pipeline();
+        let mut asked = Vec::new();
+        for (b, idx) in by_bucket.iter().enumerate() {
+            for chunk in idx.chunks(1000) {
+                let mut args = vec![Value::from(self.online_key(b as u32))];
+                args.extend(chunk.iter().map(|i| Value::from(user_ids[*i].as_str())));
+                let _: Result<(), _> = pipeline.custom(zmscore.clone(), args).await;
+                asked.push(chunk);
+            }
+        }
+        let mut out = vec![false; user_ids.len()];
+        let replies = pipeline.try_all::<Value>().await;
+        for (chunk, reply) in asked.into_iter().zip(replies) {
+            let scores = reply.map_err(unavailable)?.into_array();
+            for (i, score) in chunk.iter().zip(scores) {
+                out[*i] = !score.is_null();
+            }
+        }
+        Ok(out)
+    }
+}
