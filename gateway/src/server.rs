@@ -127,7 +127,7 @@ pub async fn serve(mut settings: Settings) -> anyhow::Result<()> {
     // indicators held back by the throttle or timed out are sent.
     crate::presence::spawn_heartbeat(&app);
     crate::presence::spawn_sweeper(&app);
-    crate::typing::spawn_ticker(&app);
+    app.typing.spawn_ticker();
 
     // Every accepted write gets its answer within OUTCOME_TIMEOUT_MS.
     let supervisor_app = app.clone();

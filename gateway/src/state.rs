@@ -2,6 +2,7 @@
 
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use socketioxide::extract::SocketRef;
 use socketioxide::SocketIo;
@@ -44,7 +45,7 @@ pub struct AppState {
     /// (`MAX_CONNECTIONS_PER_USER`, CONTRACT §2; presence, §11).
     pub connections: dashmap::DashMap<String, String>,
     /// Typing state of this node's users (`typing.rs`).
-    pub typing: Typing,
+    pub typing: Arc<Typing>,
     /// Hands recovering sockets to the dispatcher (see [`RoomEntry`]).
     pub room_entries: mpsc::UnboundedSender<RoomEntry>,
     room_entries_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<RoomEntry>>>,
@@ -81,7 +82,12 @@ impl AppState {
             proxies,
             users: Users::default(),
             connections: dashmap::DashMap::new(),
-            typing: Typing::default(),
+            typing: Arc::new(Typing::new(
+                bus.clone(),
+                topics.clone(),
+                Duration::from_millis(settings.typing_interval_ms),
+                Duration::from_millis(settings.typing_timeout_ms),
+            )),
             presence,
             subscriptions: Subscriptions::new(bus.clone(), topics.clone()),
             pending: Pending::default(),

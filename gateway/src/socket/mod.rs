@@ -418,14 +418,31 @@ async fn handle_event(app: &App, s: &SocketRef, session: &Session, inbound: Inbo
         events::MESSAGE_READ => reactions::read(app, s, session, inbound).await,
         events::REACTION_ADD => reactions::react(app, s, session, inbound, true).await,
         events::REACTION_REMOVE => reactions::react(app, s, session, inbound, false).await,
-        events::TYPING_START => {
-            crate::typing::on_event(app, session, inbound.data.as_ref(), true).await
-        }
-        events::TYPING_STOP => {
-            crate::typing::on_event(app, session, inbound.data.as_ref(), false).await
-        }
+        events::TYPING_START => typing(app, session, inbound, true).await,
+        events::TYPING_STOP => typing(app, session, inbound, false).await,
         _ => {}
     }
+}
+
+/// `typing:start` / `typing:stop` (CONTRACT §11). Volatile: a malformed one,
+/// or one for a channel the user is not in, is dropped without an answer
+/// (and counted).
+async fn typing(app: &App, session: &Session, inbound: Inbound, typing: bool) {
+    let channel = inbound
+        .data
+        .as_ref()
+        .and_then(|d| d.get("channelId"))
+        .and_then(|c| c.as_str())
+        .and_then(|c| Uuid::parse_str(c).ok());
+    let Some(channel) = channel else {
+        metrics::counter!("gateway_typing_dropped_total", "reason" => "invalid").increment(1);
+        return;
+    };
+    if !session.is_member(&channel) {
+        metrics::counter!("gateway_typing_dropped_total", "reason" => "not_member").increment(1);
+        return;
+    }
+    app.typing.request(&session.user.id, channel, typing).await;
 }
 
 /// Refuses an event: its area's error event to the caller (`channel:error`,
