@@ -193,9 +193,11 @@ impl Leases {
                 // Unknown: keep acting until `valid_until`, then stop.
                 Err(e) => tracing::warn!(partition = p, error = %e, "lease renewal failed"),
             }
-            if let Ok(n) = self.bus.backlog(p).await {
+            if let Ok(b) = self.bus.backlog_stats(p).await {
                 metrics::gauge!("worker_stream_backlog", "partition" => p.to_string())
-                    .set(n as f64);
+                    .set(b.entries as f64);
+                metrics::gauge!("worker_stream_oldest_pending_age_seconds", "partition" => p.to_string())
+                    .set(b.oldest_age.map_or(0.0, |a| a.as_secs_f64()));
             }
         }
         // Partitions held by others read 0 here, so `max by (partition)` over
@@ -203,6 +205,8 @@ impl Leases {
         let held = self.lock().held.keys().copied().collect::<Vec<_>>();
         for p in (0..self.partitions).filter(|p| !held.contains(p)) {
             metrics::gauge!("worker_stream_backlog", "partition" => p.to_string()).set(0.0);
+            metrics::gauge!("worker_stream_oldest_pending_age_seconds", "partition" => p.to_string())
+                .set(0.0);
         }
         metrics::gauge!("worker_stream_partitions").set(f64::from(self.partitions));
     }

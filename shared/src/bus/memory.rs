@@ -13,7 +13,8 @@ use bytes::Bytes;
 use tokio::sync::{broadcast, Notify};
 
 use super::{
-    Bus, BusError, BusResult, DedupeClaim, PartitionBatch, RateLimit, StreamEntry, TopicMessage,
+    Backlog, Bus, BusError, BusResult, DedupeClaim, PartitionBatch, RateLimit, StreamEntry,
+    TopicMessage,
 };
 
 #[derive(Default)]
@@ -28,6 +29,7 @@ struct Partition {
 struct Slot {
     payload: Bytes,
     deliveries: u64,
+    appended: Instant,
 }
 
 #[derive(Default)]
@@ -161,6 +163,7 @@ impl Bus for MemoryBus {
                 Slot {
                     payload,
                     deliveries: 0,
+                    appended: Instant::now(),
                 },
             );
             entry_id(seq)
@@ -290,6 +293,17 @@ impl Bus for MemoryBus {
             .get(&partition)
             .map(|p| p.entries.len() as u64)
             .unwrap_or(0))
+    }
+
+    async fn backlog_stats(&self, partition: u32) -> BusResult<Backlog> {
+        let state = self.lock();
+        let part = state.partitions.get(&partition);
+        Ok(Backlog {
+            entries: part.map(|p| p.entries.len() as u64).unwrap_or(0),
+            oldest_age: part
+                .and_then(|p| p.entries.values().next())
+                .map(|slot| slot.appended.elapsed()),
+        })
     }
 
     async fn acquire_lease(&self, partition: u32, owner: &str, ttl: Duration) -> BusResult<bool> {
@@ -460,6 +474,10 @@ mod tests {
         let bus = MemoryBus::new(2);
         bus.append(0, Bytes::from_static(b"a")).await.expect("a");
         bus.append(0, Bytes::from_static(b"b")).await.expect("b");
+        let stats = bus.backlog_stats(0).await.expect("stats");
+        assert_eq!(stats.entries, 2);
+        assert!(stats.oldest_age.is_some());
+        assert_eq!(bus.backlog_stats(1).await.expect("stats").oldest_age, None);
         assert!(matches!(
             bus.append(0, Bytes::from_static(b"c")).await,
             Err(BusError::Full)

@@ -101,6 +101,14 @@ pub enum DedupeClaim {
     Existing(String),
 }
 
+/// See [`Bus::backlog_stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Backlog {
+    pub entries: u64,
+    /// Age of the oldest unacknowledged entry (`None`: the partition is empty).
+    pub oldest_age: Option<Duration>,
+}
+
 /// What [`Bus::complete_batch`] does at the end of a worker's batch.
 #[derive(Debug, Default)]
 pub struct BatchEnd {
@@ -247,6 +255,10 @@ pub trait Bus: Send + Sync + 'static {
 
     /// Unacknowledged entries of a partition (for metrics and back-pressure).
     async fn backlog(&self, partition: u32) -> BusResult<u64>;
+    /// The backlog and how long its oldest entry has waited (entries are
+    /// deleted when acknowledged, so the oldest entry is the oldest pending
+    /// one): what an operator watches to see a partition stuck.
+    async fn backlog_stats(&self, partition: u32) -> BusResult<Backlog>;
 
     // ---- leases ----------------------------------------------------------
 

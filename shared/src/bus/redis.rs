@@ -24,8 +24,8 @@ use fred::types::CustomCommand;
 use tokio::sync::broadcast;
 
 use super::{
-    BatchEnd, Bus, BusError, BusResult, DedupeClaim, PartitionBatch, RateLimit, StreamEntry,
-    TopicMessage, Topics,
+    Backlog, BatchEnd, Bus, BusError, BusResult, DedupeClaim, PartitionBatch, RateLimit,
+    StreamEntry, TopicMessage, Topics,
 };
 
 /// Consumer group of the workers on every partition stream.
@@ -830,6 +830,53 @@ impl Bus for RedisBus {
             .await
             .map_err(unavailable)?;
         Ok(n.unwrap_or(0))
+    }
+
+    async fn backlog_stats(&self, partition: u32) -> BusResult<Backlog> {
+        // One round trip: the length and the first (oldest) entry's id,
+        // whose first half is its append time on Redis' clock.
+        let stream = self.topics.stream(partition);
+        let pipeline = self.cmd.pipeline();
+        let _: Result<(), _> = pipeline
+            .custom(
+                CustomCommand::new_static("XLEN", None, false),
+                vec![Value::from(stream.as_str())],
+            )
+            .await;
+        let _: Result<(), _> = pipeline
+            .custom(
+                CustomCommand::new_static("XRANGE", None, false),
+                vec![
+                    Value::from(stream.as_str()),
+                    Value::from("-"),
+                    Value::from("+"),
+                    Value::from("COUNT"),
+                    Value::from(1i64),
+                ],
+            )
+            .await;
+        let mut replies = pipeline.try_all::<Value>().await.into_iter();
+        let entries = match replies.next() {
+            Some(Ok(v)) => v.as_u64().unwrap_or(0),
+            Some(Err(e)) => return Err(unavailable(e)),
+            None => 0,
+        };
+        let first_ms = match replies.next() {
+            Some(Ok(v)) => v
+                .into_array()
+                .into_iter()
+                .next()
+                .and_then(|entry| entry.into_array().into_iter().next())
+                .and_then(|id| id.into_string())
+                .and_then(|id| id.split('-').next().and_then(|ms| ms.parse::<i64>().ok())),
+            Some(Err(e)) => return Err(unavailable(e)),
+            None => None,
+        };
+        let now = chrono::Utc::now().timestamp_millis();
+        Ok(Backlog {
+            entries,
+            oldest_age: first_ms.map(|ms| Duration::from_millis((now - ms).max(0) as u64)),
+        })
     }
 
     async fn acquire_lease(&self, partition: u32, owner: &str, ttl: Duration) -> BusResult<bool> {
