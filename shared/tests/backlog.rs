@@ -15,9 +15,15 @@ async fn oldest_pending_age_grows_until_the_entry_is_acked() {
     let empty = bus.backlog_stats(0).await.expect("stats");
     assert_eq!((empty.entries, empty.oldest_age), (0, None));
 
-    let first = bus.append(0, Bytes::from_static(b"a")).await.expect("append");
+    let first = bus
+        .append(0, Bytes::from_static(b"a"))
+        .await
+        .expect("append");
     tokio::time::sleep(Duration::from_millis(120)).await;
-    let second = bus.append(0, Bytes::from_static(b"b")).await.expect("append");
+    let second = bus
+        .append(0, Bytes::from_static(b"b"))
+        .await
+        .expect("append");
     let stats = bus.backlog_stats(0).await.expect("stats");
     assert_eq!(stats.entries, 2);
     let age = stats.oldest_age.expect("an oldest entry");
@@ -26,7 +32,10 @@ async fn oldest_pending_age_grows_until_the_entry_is_acked() {
     bus.ack(0, &[first]).await.expect("ack");
     let after = bus.backlog_stats(0).await.expect("stats");
     assert_eq!(after.entries, 1);
-    assert!(after.oldest_age.expect("oldest") < age, "the next entry is younger");
+    assert!(
+        after.oldest_age.expect("oldest") < age,
+        "the next entry is younger"
+    );
     bus.ack(0, &[second]).await.expect("ack");
     assert_eq!(bus.backlog_stats(0).await.expect("stats").oldest_age, None);
     let _ = std::process::Command::new("sh")
