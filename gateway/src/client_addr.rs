@@ -185,3 +185,171 @@ mod tests {
         );
     }
 }
+
+/// Property tests of the `X-Forwarded-For` walk: whatever a client writes
+/// in the header it never panics, never makes the node count it against an
+/// address it chose (everything left of the nearest untrusted hop is
+/// ignored), and every spelling of an address a proxy may forward reads
+/// back as that address.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use http::HeaderValue;
+    use proptest::prelude::*;
+    use std::net::{Ipv4Addr, Ipv6Addr};
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn arb_ip() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<u32>().prop_map(|v| IpAddr::V4(Ipv4Addr::from(v))),
+            any::<u128>().prop_map(|v| IpAddr::V6(Ipv6Addr::from(v))),
+            // IPv4-mapped IPv6, as a dual-stack listener reports IPv4 peers.
+            any::<u32>().prop_map(|v| IpAddr::V6(Ipv4Addr::from(v).to_ipv6_mapped())),
+            // Small spaces, so trusted and untrusted addresses meet often.
+            (0..4u8).prop_map(|d| IpAddr::V4(Ipv4Addr::new(10, 0, 0, d))),
+            (0..4u8).prop_map(|d| IpAddr::V4(Ipv4Addr::new(203, 0, 113, d))),
+        ]
+    }
+
+    /// An address inside `10.0.0.0/8`, `::1/128` or `2001:db8::/32`.
+    fn trusted_ip() -> impl Strategy<Value = IpAddr> {
+        prop_oneof![
+            any::<[u8; 3]>().prop_map(|[a, b, c]| IpAddr::V4(Ipv4Addr::new(10, a, b, c))),
+            any::<[u8; 3]>()
+                .prop_map(|[a, b, c]| IpAddr::V6(Ipv4Addr::new(10, a, b, c).to_ipv6_mapped())),
+            Just(IpAddr::V6(Ipv6Addr::LOCALHOST)),
+            any::<u64>().prop_map(|v| {
+                IpAddr::V6(Ipv6Addr::from((0x2001_0db8u128 << 96) | u128::from(v)))
+            }),
+        ]
+    }
+
+    /// `TRUSTED_PROXIES`: a few networks around the small spaces above.
+    fn arb_proxies() -> impl Strategy<Value = TrustedProxies> {
+        let net = prop_oneof![
+            Just("10.0.0.0/8"),
+            Just("10.0.0.1/32"),
+            Just("127.0.0.1/32"),
+            Just("::1/128"),
+            Just("0.0.0.0/0"),
+            Just("203.0.113.0/30"),
+            Just("2001:db8::/32"),
+        ];
+        prop::collection::vec(net, 0..4).prop_map(|nets| {
+            TrustedProxies::new(nets.iter().map(|n| n.parse().expect("net")).collect())
+        })
+    }
+
+    /// How a proxy may write `ip` in `X-Forwarded-For`.
+    fn spell(ip: IpAddr, port: u16, form: u8) -> String {
+        match (ip, form % 3) {
+            (IpAddr::V4(v4), 1) => format!("{v4}:{port}"),
+            (IpAddr::V6(v6), 1) => format!("[{v6}]:{port}"),
+            (IpAddr::V6(v6), 2) => format!("[{v6}]"),
+            (ip, _) => ip.to_string(),
+        }
+    }
+
+    fn headers(lines: &[Vec<u8>]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for l in lines {
+            if let Ok(v) = HeaderValue::from_bytes(l) {
+                h.append("x-forwarded-for", v);
+            }
+        }
+        h
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// Arbitrary header bytes: no panic, and the answer is the peer or
+        /// an address that is literally in the header.
+        #[test]
+        fn never_panics_and_answers_a_known_address(
+            proxies in arb_proxies(),
+            peer in arb_ip(),
+            lines in prop::collection::vec(
+                prop::collection::vec(any::<u8>(), 0..64), 0..4),
+            spelled in prop::collection::vec((arb_ip(), any::<u16>(), any::<u8>()), 0..4),
+        ) {
+            let mut lines = lines;
+            let listed: Vec<IpAddr> = spelled.iter().map(|(ip, _, _)| ip.to_canonical()).collect();
+            lines.push(
+                spelled
+                    .iter()
+                    .map(|(ip, port, form)| spell(*ip, *port, *form))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+                    .into_bytes(),
+            );
+            let h = headers(&lines);
+            let got = proxies.client_ip(peer, &h);
+            let in_header = h
+                .get_all("x-forwarded-for")
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|e| parse_entry(e.trim()))
+                .any(|ip| ip == got);
+            prop_assert!(got == peer.to_canonical() || in_header || listed.contains(&got));
+            // An untrusted peer is the client, whatever it wrote.
+            if !proxies.trusts(peer) {
+                prop_assert_eq!(got, peer.to_canonical());
+            }
+        }
+
+        /// A client cannot choose the address it is counted against: with a
+        /// chain `<anything the client wrote>, <its real address>, <trusted
+        /// hops>` behind a trusted peer, the answer is its real address.
+        #[test]
+        fn what_the_client_wrote_is_ignored(
+            forged in prop::collection::vec("[ -~]{0,20}", 0..4),
+            client in arb_ip(),
+            hops in prop::collection::vec(trusted_ip(), 0..4),
+            peer in trusted_ip(),
+            port in any::<u16>(),
+            form in any::<u8>(),
+        ) {
+            let proxies = TrustedProxies::new(
+                ["10.0.0.0/8", "::1/128", "2001:db8::/32"]
+                    .iter()
+                    .map(|n| n.parse().expect("net"))
+                    .collect(),
+            );
+            prop_assume!(!proxies.trusts(client));
+            let mut chain: Vec<String> = forged
+                .iter()
+                .map(|f| f.replace(',', " "))
+                .collect();
+            chain.push(spell(client, port, form));
+            chain.extend(hops.iter().map(|h| h.to_string()));
+            let h = headers(&[chain.join(",").into_bytes()]);
+            prop_assert_eq!(proxies.client_ip(peer, &h), client.to_canonical());
+        }
+
+        /// Every spelling of an address reads back as that address.
+        #[test]
+        fn entries_round_trip(ip in arb_ip(), port in any::<u16>(), form in any::<u8>()) {
+            let s = spell(ip, port, form);
+            prop_assert_eq!(parse_entry(&s), Some(ip.to_canonical()), "{}", s);
+        }
+
+        /// Without `TRUSTED_PROXIES` the header is never read.
+        #[test]
+        fn without_trusted_proxies_the_header_is_ignored(
+            peer in arb_ip(),
+            line in prop::collection::vec(any::<u8>(), 0..128),
+        ) {
+            let none = TrustedProxies::default();
+            prop_assert_eq!(none.client_ip(peer, &headers(&[line])), peer.to_canonical());
+        }
+    }
+}

@@ -155,3 +155,154 @@ mod tests {
         assert!(parse_since(Some(&float), &[a]).is_empty());
     }
 }
+
+/// Property tests of [`parse_since`], the parser of the handshake's
+/// `auth.since` (CONTRACT §9): whatever a client sends, it never panics,
+/// keeps exactly the entries naming one of the user's channels with a
+/// non-negative integer seq, and names each channel at most once.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::{json, Map, Value};
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: 512,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// Any JSON value, nested a few levels.
+    fn arb_json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_filter_map("finite", |f| serde_json::Number::from_f64(f)
+                .map(Value::Number)),
+            ".{0,40}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..8).prop_map(Value::Array),
+                prop::collection::btree_map(".{0,40}", inner, 0..8)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    /// A seq value and whether the contract accepts it (a non-negative integer).
+    fn arb_seq() -> impl Strategy<Value = (Value, Option<i64>)> {
+        prop_oneof![
+            (0..=i64::MAX).prop_map(|s| (json!(s), Some(s))),
+            Just((json!(0), Some(0))),
+            (i64::MIN..0).prop_map(|s| (json!(s), None)),
+            ((i64::MAX as u64 + 1)..=u64::MAX).prop_map(|s| (json!(s), None)),
+            any::<f64>()
+                .prop_filter("a float that is not an integer", |f| f.is_finite()
+                    && f.fract() != 0.0)
+                .prop_map(|f| (json!(f), None)),
+            (0..1000i64).prop_map(|s| (json!(s.to_string()), None)),
+            Just((Value::Null, None)),
+            Just((json!(true), None)),
+            Just((json!([1]), None)),
+            Just((json!({"seq": 1}), None)),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// Arbitrary `auth` payloads: no panic, and only the user's channels
+        /// with non-negative seqs come out.
+        #[test]
+        fn never_panics_and_only_yields_member_channels(
+            auth in arb_json(),
+            since in arb_json(),
+            n in 0..4usize,
+        ) {
+            let channels: Vec<Uuid> = (0..n).map(|_| Uuid::now_v7()).collect();
+            let mut with_since = auth.clone();
+            if let Value::Object(m) = &mut with_since {
+                m.insert("since".into(), since);
+            }
+            for a in [auth, with_since] {
+                for (c, s) in parse_since(Some(&a), &channels) {
+                    prop_assert!(channels.contains(&c));
+                    prop_assert!(s >= 0);
+                }
+            }
+            prop_assert!(parse_since(None, &channels).is_empty());
+        }
+
+        /// `since` keyed by canonical ids of member channels, non-member
+        /// channels and junk keys: exactly the member entries with a
+        /// non-negative integer seq are kept, with their seq.
+        #[test]
+        fn keeps_exactly_the_valid_member_entries(
+            members in prop::collection::vec((arb_seq(), any::<bool>()), 0..6),
+            others in prop::collection::vec(arb_seq(), 0..4),
+            junk in prop::collection::btree_map("[^0-9a-fA-F-]{0,12}", arb_seq(), 0..4),
+        ) {
+            let channels: Vec<Uuid> = members.iter().map(|_| Uuid::now_v7()).collect();
+            let mut since = Map::new();
+            let mut expected = Vec::new();
+            for (c, ((v, ok), listed)) in channels.iter().zip(&members) {
+                if *listed {
+                    since.insert(c.to_string(), v.clone());
+                    if let Some(s) = ok {
+                        expected.push((*c, *s));
+                    }
+                }
+            }
+            for (v, _) in others {
+                since.insert(Uuid::now_v7().to_string(), v);
+            }
+            for (k, (v, _)) in junk {
+                since.insert(k, v);
+            }
+            let mut got = parse_since(Some(&json!({"since": since})), &channels);
+            got.sort();
+            expected.sort();
+            prop_assert_eq!(got, expected);
+        }
+    }
+
+    /// The ways `Uuid::parse_str` accepts to spell one id.
+    fn spellings(c: &Uuid) -> Vec<String> {
+        vec![
+            c.to_string(),
+            c.to_string().to_uppercase(),
+            c.simple().to_string(),
+            c.braced().to_string(),
+            c.urn().to_string(),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        /// Each channel is caught up at most once per handshake, however
+        /// its id is spelled in `since`.
+        #[test]
+        #[ignore = "bug: parse_since keys by Uuid::parse_str, so two spellings of one channel \
+                    id (e.g. lowercase and UPPERCASE, or simple/braced/urn) yield the channel \
+                    twice and on_connect replays it twice (duplicate message:created and \
+                    channel:recovered)"]
+        fn names_each_channel_at_most_once(
+            pick in prop::collection::vec((0..5usize, 0..1000i64), 2..5),
+        ) {
+            let c = Uuid::now_v7();
+            let names = spellings(&c);
+            let mut since = Map::new();
+            for (i, s) in &pick {
+                since.insert(names[*i].clone(), json!(s));
+            }
+            let got = parse_since(Some(&json!({"since": since})), &[c]);
+            prop_assert!(got.len() <= 1, "{} entries for one channel: {:?}", got.len(), since);
+        }
+    }
+}

@@ -547,3 +547,123 @@ fn query_id(raw: Option<&str>, error: &str) -> Result<Option<Uuid>, ApiError> {
             .map_err(|_| ApiError::new(StatusCode::BAD_REQUEST, error)),
     }
 }
+
+/// Property tests of the REST query and path parsers (CONTRACT §6):
+/// `limit` accepts exactly the integers 1..=max (the limit itself
+/// included, one over refused, absent or empty meaning the default), ids
+/// accept exactly UUIDs and round-trip, and no input panics.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: 1024,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    /// The contract's reading of a `limit`: an unsigned decimal integer
+    /// (Rust's `u64` grammar: digits, optionally after one `+`) in 1..=max.
+    fn model_limit(raw: &str, max: u64) -> Option<u64> {
+        let digits = raw.strip_prefix('+').unwrap_or(raw);
+        if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let trimmed = digits.trim_start_matches('0');
+        if trimmed.len() > 20 {
+            return None;
+        }
+        let n: u128 = if trimmed.is_empty() {
+            0
+        } else {
+            trimmed.parse().ok()?
+        };
+        (1..=u128::from(max)).contains(&n).then_some(n as u64)
+    }
+
+    /// Strings near the grammar: digits, signs, spaces, exponents, hex.
+    fn limit_like() -> impl Strategy<Value = String> {
+        prop_oneof![
+            "[+-]?[0-9]{0,25}",
+            "[ +\\-0-9eExX.]{0,8}",
+            (0u64..2000).prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            ".{0,16}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn limit_accepts_exactly_one_to_max(
+            raw in limit_like(),
+            max in prop_oneof![Just(100u64), Just(500), Just(1000), 1u64..5000],
+            default in 1u64..100,
+        ) {
+            let got = query_limit(Some(&raw), default, max);
+            match (got, raw.is_empty(), model_limit(&raw, max)) {
+                (Ok(n), true, _) => prop_assert_eq!(n, default),
+                (Ok(n), false, Some(m)) => prop_assert_eq!(n, m),
+                (Err(ApiError(status, msg, retry)), false, None) => {
+                    prop_assert_eq!(status, StatusCode::BAD_REQUEST);
+                    prop_assert_eq!(msg, format!("limit must be an integer from 1 to {max}"));
+                    prop_assert_eq!(retry, None);
+                }
+                (got, _, model) => prop_assert!(
+                    false,
+                    "{:?} (max {}): got {:?}, model {:?}",
+                    raw,
+                    max,
+                    got.map_err(|e| e.1),
+                    model
+                ),
+            }
+        }
+
+        #[test]
+        fn limit_boundaries(max in 1u64..1_000_000, default in 1u64..100) {
+            prop_assert_eq!(query_limit(None, default, max).ok(), Some(default));
+            prop_assert_eq!(query_limit(Some(""), default, max).ok(), Some(default));
+            prop_assert_eq!(query_limit(Some(&max.to_string()), default, max).ok(), Some(max));
+            prop_assert!(query_limit(Some(&(max + 1).to_string()), default, max).is_err());
+            prop_assert!(query_limit(Some("0"), default, max).is_err());
+            prop_assert!(query_limit(Some("-1"), default, max).is_err());
+        }
+
+        #[test]
+        fn ids_accept_exactly_uuids_and_round_trip(
+            raw in prop_oneof![
+                ".{0,40}",
+                "[0-9a-fA-F-]{30,40}",
+                any::<u128>().prop_map(|v| Uuid::from_u128(v).to_string()),
+            ],
+            id in any::<u128>().prop_map(Uuid::from_u128),
+        ) {
+            prop_assert_eq!(query_id(None, "e").ok(), Some(None));
+            prop_assert_eq!(query_id(Some(""), "e").ok(), Some(None));
+            prop_assert_eq!(query_id(Some(&id.to_string()), "e").ok(), Some(Some(id)));
+            prop_assert_eq!(parse_channel_id(&id.to_string()).ok(), Some(id));
+            let expected = Uuid::parse_str(&raw).ok();
+            match query_id(Some(&raw), "before must be a message id") {
+                Ok(got) if !raw.is_empty() => prop_assert_eq!(got, expected),
+                Ok(got) => prop_assert_eq!(got, None),
+                Err(ApiError(status, msg, _)) => {
+                    prop_assert!(expected.is_none());
+                    prop_assert_eq!(status, StatusCode::BAD_REQUEST);
+                    prop_assert_eq!(msg, "before must be a message id");
+                }
+            }
+            match parse_channel_id(&raw) {
+                Ok(got) => prop_assert_eq!(Some(got), expected),
+                Err(ApiError(status, _, _)) => {
+                    prop_assert!(expected.is_none());
+                    prop_assert_eq!(status, StatusCode::NOT_FOUND);
+                }
+            }
+        }
+    }
+}

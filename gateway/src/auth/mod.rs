@@ -461,3 +461,122 @@ mod tests {
         ));
     }
 }
+
+/// Property tests of the token-shape checks: whatever a client sends as a
+/// token it never panics and is never accepted unless it is a token we
+/// signed; the `Bearer ` prefix is optional; a dev token round-trips its
+/// subject and name, and any change to it is refused or changes nothing.
+#[cfg(test)]
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    const SECRET: &str = "prop-secret";
+
+    fn config() -> ProptestConfig {
+        ProptestConfig {
+            cases: 256,
+            failure_persistence: None,
+            ..ProptestConfig::default()
+        }
+    }
+
+    fn verifier() -> Verifier {
+        let s = Settings::from_vars([("AUTH_DEV_SECRET".to_string(), SECRET.to_string())])
+            .expect("settings");
+        Verifier::from_settings(&s).expect("verifier")
+    }
+
+    fn block_on<F: std::future::Future>(f: F) -> F::Output {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime")
+            .block_on(f)
+    }
+
+    /// Token-shaped junk: three base64url-ish segments, or anything.
+    fn token_like() -> impl Strategy<Value = String> {
+        prop_oneof![
+            ".{0,200}",
+            "[A-Za-z0-9_=-]{0,40}\\.[A-Za-z0-9_=-]{0,80}\\.[A-Za-z0-9_=-]{0,60}",
+            "(Bearer |bearer |BEARER )?[A-Za-z0-9_.-]{0,120}",
+            // A real header over an arbitrary payload and signature.
+            ("[A-Za-z0-9_-]{0,120}", "[A-Za-z0-9_-]{0,60}")
+                .prop_map(|(p, s)| format!("eyJhbGciOiJIUzI1NiJ9.{p}.{s}")),
+            prop::collection::vec(any::<u8>(), 0..200)
+                .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(config())]
+
+        #[test]
+        fn junk_tokens_never_panic_and_never_pass(
+            token in token_like(),
+            user in proptest::option::of(".{0,20}"),
+            suspect in any::<bool>(),
+        ) {
+            let v = verifier();
+            let r = block_on(v.verify_guarded(&token, user.as_deref(), suspect));
+            prop_assert!(r.is_err(), "{:?} accepted: {:?}", token, r);
+            let _ = v.precheck(strip_bearer(&token));
+        }
+
+        #[test]
+        fn bearer_prefix_is_optional(t in "[A-Za-z0-9_.-]{1,60}") {
+            prop_assert_eq!(strip_bearer(&t), t.as_str());
+            let (upper, lower) = (format!("Bearer {t}"), format!("  bearer {t} "));
+            prop_assert_eq!(strip_bearer(&upper), t.as_str());
+            prop_assert_eq!(strip_bearer(&lower), t.as_str());
+        }
+
+        /// Any subject and name survive the round trip; the wrong `userId`
+        /// is refused.
+        #[test]
+        fn dev_tokens_round_trip(
+            sub in ".{1,64}",
+            name in ".{0,64}",
+            other in ".{0,64}",
+            bearer in any::<bool>(),
+        ) {
+            let v = verifier();
+            let t = dev_token(SECRET, &sub, Some(&name), Duration::from_secs(60))
+                .expect("token");
+            let t = if bearer { format!("Bearer {t}") } else { t };
+            let id = block_on(v.verify(&t, Some(&sub))).expect("valid");
+            prop_assert_eq!(&id.id, &sub);
+            let expected_name = if name.trim().is_empty() { sub.clone() } else { name.trim().to_string() };
+            prop_assert_eq!(id.name, expected_name);
+            prop_assert_eq!(id.image_url, None);
+            if other != sub {
+                let r = block_on(v.verify(&t, Some(&other)));
+                prop_assert!(matches!(r, Err(AuthError::UserMismatch)), "{:?}", r);
+            }
+        }
+
+        /// One character of a valid token changed: refused, or (base64's
+        /// unused low bits of a segment's last character) the same identity.
+        #[test]
+        fn tampered_tokens_are_refused(
+            sub in "[a-z0-9]{1,16}",
+            at in any::<prop::sample::Index>(),
+            with in prop::sample::select(
+                "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.=".chars().collect::<Vec<_>>()
+            ),
+        ) {
+            let v = verifier();
+            let t = dev_token(SECRET, &sub, None, Duration::from_secs(60)).expect("token");
+            let mut chars: Vec<char> = t.chars().collect();
+            let i = at.index(chars.len());
+            prop_assume!(chars[i] != with);
+            chars[i] = with;
+            let tampered: String = chars.into_iter().collect();
+            match block_on(v.verify(&tampered, None)) {
+                Err(_) => {}
+                Ok(id) => prop_assert_eq!(id.id, sub),
+            }
+        }
+    }
+}
