@@ -358,3 +358,36 @@ fn history_query_parameters_are_checked_not_crashed_on() {
         panic!("{e}\n{}", c.logs());
     }
 }
+
+/// The `parse_since` finding seen by a client: `auth.since` naming one
+/// channel twice (its id in lower and upper case) replays the channel
+/// twice. Expected: each missed message once, one `channel:recovered`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "bug: recovery.rs parse_since keys auth.since by Uuid::parse_str, so two spellings \
+            of one channel id are two entries and on_connect replays the channel twice"]
+async fn since_naming_a_channel_twice_replays_it_once() {
+    let c = cluster().await;
+    let channel = c.channel("twice", &[]).await;
+    let mut first = c.connect(0, "twice").await;
+    send_burst(&mut first, &channel, "m", 3).await;
+    collect_created(&mut first, 3, T).await;
+    let mut auth = c.minter.auth("twice").expect("auth");
+    auth["since"] = json!({ channel.clone(): 0, channel.to_uppercase(): 0 });
+    let target = switchboard_loadtest::client::Target::seed_path(&c.urls[0]);
+    let mut again = switchboard_loadtest::client::Client::connect(&target, auth)
+        .await
+        .expect("connect");
+    let (mut replayed, mut recovered) = (0, 0);
+    while let Some(e) = again.next(Duration::from_millis(1500)).await {
+        match e.name.as_str() {
+            "message:created" => replayed += 1,
+            "channel:recovered" => recovered += 1,
+            _ => {}
+        }
+    }
+    assert_eq!(
+        (replayed, recovered),
+        (3, 1),
+        "message:created and channel:recovered received"
+    );
+}
