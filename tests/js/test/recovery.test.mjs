@@ -6,41 +6,16 @@
 // of their channel exactly once, in seq order (cluster only).
 
 import assert from 'node:assert/strict';
-import net from 'node:net';
 import { test } from 'node:test';
 import { io } from 'socket.io-client';
 import {
   auth, connectUser, createChannel, addMember, emitAck, fullHistory, needsCluster, sendAndWait, sleep, uid, useCluster,
   waitFor, waitForCount, waitUntil, SIO_PATH,
 } from '../lib/harness.mjs';
+import { balancer } from '../lib/balancer.mjs';
 import { recoveringClient } from '../lib/recovering-client.mjs';
 
 const sb = useCluster({ gateways: 2, workers: 2 });
-
-/** A TCP load balancer over the cluster's gateways: round robin, skipping dead ones. */
-function balancer(getPorts) {
-  let next = 0;
-  const server = net.createServer((client) => {
-    const ports = getPorts();
-    const tryPort = (left) => {
-      if (left === 0) return client.destroy();
-      const port = ports[next++ % ports.length];
-      const upstream = net.connect(port, '127.0.0.1');
-      upstream.once('connect', () => {
-        client.pipe(upstream).pipe(client);
-      });
-      upstream.once('error', () => {
-        if (!upstream.connecting && upstream.bytesRead > 0) return client.destroy();
-        tryPort(left - 1);
-      });
-      client.once('error', () => upstream.destroy());
-      client.once('close', () => upstream.destroy());
-      upstream.once('close', () => client.destroy());
-    };
-    tryPort(ports.length);
-  });
-  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => resolve(server)));
-}
 
 async function survivesGatewayLoss(t, signal) {
   if (needsCluster(t)) return;
