@@ -5,6 +5,8 @@
 //!   at most `MAX_CONTENT_CHARS` (4000) characters — 4000 accepted, 4001
 //!   refused, whatever the characters' UTF-8 width —, no NUL; `tempId`
 //!   absent, null, or a string of at most 128 characters without NUL;
+//! - `reaction:add` / `reaction:remove` (§5): `type` a non-blank string
+//!   of at most 64 bytes (64 accepted, 65 refused), no NUL;
 //! - `channel:sync {afterSeq}` (§9): accepted exactly for non-negative
 //!   integers;
 //! - the history query (§6): `afterSeq` a non-negative integer, `limit`
@@ -354,6 +356,67 @@ fn history_query_parameters_are_checked_not_crashed_on() {
             Ok(())
         },
     );
+    if let Err(e) = result {
+        panic!("{e}\n{}", c.logs());
+    }
+}
+
+/// CONTRACT §5: a reaction `type` is a non-empty string of at most 64
+/// bytes (64 accepted, 65 refused, whatever the characters' width), and
+/// like every text field it must not contain NUL.
+fn model_reaction(kind: &Option<Value>) -> bool {
+    match kind {
+        Some(Value::String(k)) => !k.trim().is_empty() && k.len() <= 64 && !k.contains('\0'),
+        _ => false,
+    }
+}
+
+#[test]
+fn reaction_types_accept_exactly_what_the_contract_allows() {
+    let rt = runtime();
+    let (c, client, message) = rt.block_on(async {
+        let c = cluster().await;
+        let channel = c.channel("react", &[]).await;
+        let mut client = c.connect(0, "react").await;
+        let sent = send_burst(&mut client, &channel, "m", 1).await;
+        collect_created(&mut client, 1, T).await;
+        let message = sent.values().next().cloned().expect("message id");
+        (c, client, message)
+    });
+    let strategy = (
+        prop_oneof![field(0..=4), field(14..=18), field(60..=66)],
+        any::<bool>(),
+    );
+    let mut runner = TestRunner::new(config(128));
+    let result = runner.run(&strategy, |(kind, add)| {
+        let mut payload = json!({"messageId": message});
+        if let Some(k) = &kind {
+            payload["type"] = k.clone();
+        }
+        let event = if add {
+            "reaction:add"
+        } else {
+            "reaction:remove"
+        };
+        let ack = rt
+            .block_on(client.call(event, &payload, T))
+            .map_err(|e| TestCaseError::fail(format!("no answer: {e}")))?;
+        let bytes = kind
+            .as_ref()
+            .and_then(|k| k.as_str())
+            .map(|k| k.len() as i64)
+            .unwrap_or(-1);
+        prop_assert_eq!(
+            ack["ok"] == true,
+            model_reaction(&kind),
+            "{} type of {} bytes {:?}: {}",
+            event,
+            bytes,
+            kind,
+            ack
+        );
+        Ok(())
+    });
     if let Err(e) = result {
         panic!("{e}\n{}", c.logs());
     }
