@@ -84,6 +84,19 @@ async fn leave_and_removal_across_gateways() {
         .expect("ack");
     assert_eq!(owner_leave["ok"], false, "{owner_leave}");
 
+    // What a heard of the channel before the removal (presence:changed of
+    // the members coming online, b last) is not what this test is about.
+    for s in [&mut a0, &mut a1] {
+        s.wait_for(
+            "presence:changed",
+            |d| d["userId"] == "b" && d["online"] == true,
+            T,
+        )
+        .await
+        .expect("b online");
+        drain(s, 200).await;
+    }
+
     // The owner removes a (on node 0; a is on both nodes).
     assert_eq!(delete(&c, 0, "own", &ch, "a").await, 204);
     for (name, s) in [

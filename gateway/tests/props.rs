@@ -426,8 +426,6 @@ fn reaction_types_accept_exactly_what_the_contract_allows() {
 /// channel twice (its id in lower and upper case) replays the channel
 /// twice. Expected: each missed message once, one `channel:recovered`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "bug: recovery.rs parse_since keys auth.since by Uuid::parse_str, so two spellings \
-            of one channel id are two entries and on_connect replays the channel twice"]
 async fn since_naming_a_channel_twice_replays_it_once() {
     let c = cluster().await;
     let channel = c.channel("twice", &[]).await;

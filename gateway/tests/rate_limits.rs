@@ -79,10 +79,12 @@ async fn a_burst_of_thirty_takes_twenty_then_refills() {
     let c = Cluster::start(limited()).await;
     let ch = c.channel("rl", &[]).await;
     let mut s = c.connect(0, "rl").await;
+    let started = Instant::now();
     let answers = burst(&mut s, &ch, "b1", 30).await;
     let accepted = check_refusals(&answers);
-    // 20, or 21 if a token refilled while the burst was in flight.
-    assert!((20..=21).contains(&accepted), "accepted {accepted} of 30");
+    // 20, or more if tokens refilled while the burst was in flight.
+    let most = 20 + refilled(started, 10.0);
+    assert!((20..=most).contains(&accepted), "accepted {accepted} of 30");
     // Sends are taken in order: the first 20 are the accepted ones.
     for i in 0..20 {
         assert!(answers[&format!("b1-{i}")].is_ok(), "send {i} refused");
@@ -103,10 +105,12 @@ async fn the_limit_holds_across_two_gateways() {
     let ch = c.channel("two", &[]).await;
     let mut s0 = c.connect(0, "two").await;
     let mut s1 = c.connect(1, "two").await;
+    let started = Instant::now();
     let (a0, a1) = tokio::join!(burst(&mut s0, &ch, "g0", 15), burst(&mut s1, &ch, "g1", 15));
     let accepted = check_refusals(&a0) + check_refusals(&a1);
+    let most = 20 + refilled(started, 10.0);
     assert!(
-        (20..=21).contains(&accepted),
+        (20..=most).contains(&accepted),
         "one bucket for the user across nodes: accepted {accepted} of 30"
     );
 }
@@ -126,6 +130,13 @@ fn all_areas() -> ClusterOptions {
     o
 }
 
+/// Tokens a bucket of `per_s` can have refilled since `started`, plus one
+/// for a token that was almost there: the slack of a count taken on a
+/// machine of unknown speed.
+fn refilled(started: Instant, per_s: f64) -> usize {
+    (started.elapsed().as_secs_f64() * per_s).ceil() as usize + 1
+}
+
 /// The other areas with the contract's defaults: `channel:*` 5/s burst 10,
 /// `message:read`/`reaction:*` 20/s burst 40, REST writes 10/s burst 20.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -134,10 +145,13 @@ async fn every_area_has_its_bucket() {
     let ch = c.channel("areas", &[]).await;
     let mut s = c.connect(0, "areas").await;
 
-    // channel:sync, answered one by one.
+    // channel:sync, answered one by one, until the first refusal. Tokens
+    // refill while the calls run (a loaded machine is slow), so the bound
+    // is the burst plus what refilled meanwhile.
     let mut ok = 0;
     let mut limited = Vec::new();
-    for _ in 0..15 {
+    let started = Instant::now();
+    for _ in 0..60 {
         let a = s
             .call("channel:sync", &json!({"channelId": ch, "afterSeq": 0}), T)
             .await
@@ -148,9 +162,14 @@ async fn every_area_has_its_bucket() {
             assert_eq!(a["error"], "Rate limit exceeded", "{a}");
             assert!(a["retryAfterMs"].as_u64().unwrap_or(0) > 0, "{a}");
             limited.push(a);
+            break;
         }
     }
-    assert!((10..=11).contains(&ok), "channel:sync accepted {ok} of 15");
+    let most = 10 + refilled(started, 5.0);
+    assert!(
+        !limited.is_empty() && (10..=most).contains(&ok),
+        "channel:sync accepted {ok} before a refusal (burst 10, at most {most} with the refill)"
+    );
     let err = s
         .wait_for("channel:error", |d| d["error"] == "Rate limit exceeded", T)
         .await
@@ -160,21 +179,23 @@ async fn every_area_has_its_bucket() {
 
     // message:read, pipelined (for an unknown message: the limit comes first).
     let bogus = uuid::Uuid::now_v7().to_string();
-    for _ in 0..45 {
+    let started = Instant::now();
+    for _ in 0..60 {
         s.emit("message:read", &json!({"messageId": bogus}))
             .await
             .expect("emit");
     }
     let mut errors = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while errors.len() < 45 && Instant::now() < deadline {
+    while errors.len() < 60 && Instant::now() < deadline {
         if let Some(e) = s.next(Duration::from_millis(100)).await {
             if e.name == "message:error" {
                 errors.push(e.data);
             }
         }
     }
-    assert_eq!(errors.len(), 45, "every read answered");
+    assert_eq!(errors.len(), 60, "every read answered");
+    let most = 40 + refilled(started, 20.0);
     let rate_limited = errors
         .iter()
         .filter(|e| e["error"] == "Rate limit exceeded")
@@ -183,16 +204,18 @@ async fn every_area_has_its_bucket() {
             assert!(e["retryAfterMs"].as_u64().unwrap_or(0) > 0);
         })
         .count();
+    let passed = 60 - rate_limited;
     assert!(
-        (4..=5).contains(&rate_limited),
-        "message:read refused {rate_limited} of 45"
+        rate_limited > 0 && (40..=most).contains(&passed),
+        "message:read let {passed} of 60 through (burst 40, at most {most} with the refill)"
     );
 
-    // REST writes: 429 with Retry-After.
+    // REST writes: 429 with Retry-After, after the burst.
     let client = reqwest::Client::new();
     let mut created = 0;
     let mut refused = None;
-    for i in 0..25 {
+    let started = Instant::now();
+    for i in 0..60 {
         let r = client
             .post(format!("{}/api/channels", c.urls[1]))
             .bearer_auth(c.token("rester"))
@@ -212,13 +235,17 @@ async fn every_area_has_its_bucket() {
                 assert!(retry >= 1);
                 let body: Value = r.json().await.unwrap_or_default();
                 assert_eq!(body["error"], "Rate limit exceeded");
-                refused.get_or_insert(body);
+                refused = Some(body);
+                break;
             }
             other => panic!("unexpected status {other}"),
         }
     }
-    assert!((20..=21).contains(&created), "REST created {created} of 25");
-    assert!(refused.is_some());
+    let most = 20 + refilled(started, 10.0);
+    assert!(
+        refused.is_some() && (20..=most).contains(&created),
+        "REST created {created} before a 429 (burst 20, at most {most} with the refill)"
+    );
     // Reads are not limited.
     for _ in 0..30 {
         let (st, _) = c.api(1, "rester", "GET", "/api/channels", None).await;
