@@ -30,23 +30,28 @@ use crate::state::App;
 const SWEEP_BATCH: usize = 1000;
 
 /// Tells the user's small channels that they came online or went offline.
-/// In a task of its own: the caller never waits on the database for it.
-pub fn announce(app: &App, user_id: String, online: bool, at_ms: i64) {
+/// `known`: those channels when the caller has them (a handshake's `online`
+/// lists are keyed by them), which spares a query. In a task of its own:
+/// the caller never waits on the database for it.
+pub fn announce(app: &App, user_id: String, online: bool, at_ms: i64, known: Option<Vec<Uuid>>) {
     if app.settings.presence_max_members == 0 {
         return;
     }
     let app = app.clone();
     tokio::spawn(async move {
-        let channels = match app
-            .store
-            .small_channels_of(&user_id, app.settings.presence_max_members)
-            .await
-        {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(user = %user_id, error = %e, "presence change not announced");
-                return;
-            }
+        let channels = match known {
+            Some(c) => c,
+            None => match app
+                .store
+                .small_channels_of(&user_id, app.settings.presence_max_members)
+                .await
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(user = %user_id, error = %e, "presence change not announced");
+                    return;
+                }
+            },
         };
         let timestamp = chrono::DateTime::from_timestamp_millis(at_ms)
             .map(iso)
@@ -76,7 +81,8 @@ pub fn announce(app: &App, user_id: String, online: bool, at_ms: i64) {
 
 /// Who is online in each of the user's small channels, for
 /// `connection:success`: one database query and one Redis round trip.
-/// Empty when presence is off or a backend fails (presence is advisory: a
+/// Every small channel of the user is a key (the user is a member). Empty
+/// when presence is off or a backend fails (presence is advisory: a
 /// handshake does not fail for it).
 pub async fn online_lists(app: &App, user_id: &str) -> BTreeMap<String, Vec<String>> {
     let mut lists = BTreeMap::new();
@@ -194,7 +200,7 @@ pub fn spawn_sweeper(app: &App) {
             match app.presence.sweep(SWEEP_BATCH).await {
                 Ok(gone) => {
                     for g in gone {
-                        announce(&app, g.user_id, false, g.at_ms);
+                        announce(&app, g.user_id, false, g.at_ms, None);
                     }
                 }
                 Err(e) => tracing::debug!(error = %e, "presence sweep failed"),

@@ -495,7 +495,17 @@ async fn on_connect(app: App, s: SocketRef) {
             metrics::counter!("gateway_handshakes_total", "result" => "accepted").increment(1);
             let sent = s.emit(events::CONNECTION_SUCCESS, &*success);
             if let Some(at) = came_online {
-                crate::presence::announce(&app, success.user_id.clone(), true, at);
+                // The keys of `online` are the user's small channels; an
+                // empty map may be a failed read: then the announcement
+                // looks them up itself.
+                let known = (!success.online.is_empty()).then(|| {
+                    success
+                        .online
+                        .keys()
+                        .filter_map(|c| Uuid::parse_str(c).ok())
+                        .collect()
+                });
+                crate::presence::announce(&app, success.user_id.clone(), true, at, known);
             }
             // A client that left during the handshake: disconnecting runs
             // the disconnect handler, which gives its resources back.
