@@ -453,24 +453,37 @@ impl RedisBus {
         } else {
             Options::default()
         };
-        let client = self.cmd.with_options(&opts);
-        let mut argv: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
-        argv.push(Value::from(script.sha1().clone()));
-        argv.push(Value::from(keys.len() as i64));
-        argv.extend(keys.into_iter().map(Value::from));
-        argv.extend(args);
-        let evalsha = CustomCommand::new_static("EVALSHA", None, false);
-        match client.custom(evalsha.clone(), argv.clone()).await {
-            Err(e) if e.details().contains("NOSCRIPT") => {
-                script.load(&self.cmd).await?;
-                client.custom(evalsha, argv).await
-            }
-            other => other,
-        }
+        evalsha(&self.cmd, &opts, script, keys, args).await
     }
 
     fn partition_of_key(&self, key: &str) -> Option<u32> {
         key.rsplit(':').next().and_then(|p| p.parse().ok())
+    }
+}
+
+/// `EVALSHA` of `script` on `client` with `opts`, loading the script first
+/// when Redis does not know it (after a restart). The one way every Redis
+/// seam of this crate runs a single script.
+pub(crate) async fn evalsha<R: FromValue>(
+    client: &Client,
+    opts: &Options,
+    script: &Script,
+    keys: Vec<String>,
+    args: Vec<Value>,
+) -> Result<R, fred::error::Error> {
+    let with = client.with_options(opts);
+    let mut argv: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
+    argv.push(Value::from(script.sha1().clone()));
+    argv.push(Value::from(keys.len() as i64));
+    argv.extend(keys.into_iter().map(Value::from));
+    argv.extend(args);
+    let command = CustomCommand::new_static("EVALSHA", None, false);
+    match with.custom(command.clone(), argv.clone()).await {
+        Err(e) if e.details().contains("NOSCRIPT") => {
+            script.load(client).await?;
+            with.custom(command, argv).await
+        }
+        other => other,
     }
 }
 

@@ -17,6 +17,7 @@ use fred::types::scripts::Script;
 use fred::types::CustomCommand;
 
 use super::{bucket_of, Claim, Presence, WentOffline, BUCKETS};
+use crate::bus::redis::evalsha;
 use crate::bus::{BusError, BusResult};
 
 /// `now` in ms on Redis' clock, the first lines of every script.
@@ -157,7 +158,7 @@ impl RedisPresence {
         ]
     }
 
-    /// `EVALSHA` of one script, loading it when Redis does not know it.
+    /// One script call ([`crate::bus::redis::evalsha`]).
     async fn eval(
         &self,
         script: &Script,
@@ -170,20 +171,7 @@ impl RedisPresence {
         } else {
             Options::default()
         };
-        let client = self.client.with_options(&opts);
-        let mut argv: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
-        argv.push(Value::from(script.sha1().clone()));
-        argv.push(Value::from(keys.len() as i64));
-        argv.extend(keys.into_iter().map(Value::from));
-        argv.extend(args);
-        let evalsha = CustomCommand::new_static("EVALSHA", None, false);
-        match client.custom(evalsha.clone(), argv.clone()).await {
-            Err(e) if is_noscript(&e) => {
-                script.load(&self.client).await?;
-                client.custom(evalsha, argv).await
-            }
-            other => other,
-        }
+        evalsha(&self.client, &opts, script, keys, args).await
     }
 
     /// Runs one script many times in one pipeline (one round trip); calls
