@@ -34,7 +34,9 @@ const SWEEP_BATCH: usize = 1000;
 /// lists are keyed by them), which spares a query. In a task of its own:
 /// the caller never waits on the database for it.
 pub fn announce(app: &App, user_id: String, online: bool, at_ms: i64, known: Option<Vec<Uuid>>) {
-    if app.settings.presence_max_members == 0 {
+    if app.settings.presence_max_members == 0 || known.as_ref().is_some_and(|k| k.is_empty()) {
+        metrics::counter!("gateway_presence_changes_total", "online" => online.to_string())
+            .increment(1);
         return;
     }
     let app = app.clone();
@@ -79,15 +81,25 @@ pub fn announce(app: &App, user_id: String, online: bool, at_ms: i64, known: Opt
     });
 }
 
-/// Who is online in each of the user's small channels, for
-/// `connection:success`: one database query and one Redis round trip.
-/// Every small channel of the user is a key (the user is a member). Empty
-/// when presence is off or a backend fails (presence is advisory: a
-/// handshake does not fail for it).
-pub async fn online_lists(app: &App, user_id: &str) -> BTreeMap<String, Vec<String>> {
-    let mut lists = BTreeMap::new();
-    if app.settings.presence_max_members == 0 {
-        return lists;
+/// What a handshake learns about presence in one query and one Redis round
+/// trip: who is online in each of the user's small channels (the `online`
+/// lists of `connection:success`), and which channels those are (where an
+/// arrival is announced; `None` when the read failed).
+pub struct OnlineLists {
+    pub lists: BTreeMap<String, Vec<String>>,
+    pub small_channels: Option<Vec<Uuid>>,
+}
+
+/// See [`OnlineLists`]. `member_of`: the user's channels; none means
+/// nothing to read at all. Presence is advisory: a backend failure gives
+/// empty lists, never a failed handshake.
+pub async fn online_lists(app: &App, user_id: &str, member_of: &[Uuid]) -> OnlineLists {
+    let mut out = OnlineLists {
+        lists: BTreeMap::new(),
+        small_channels: Some(Vec::new()),
+    };
+    if app.settings.presence_max_members == 0 || member_of.is_empty() {
+        return out;
     }
     let members = match app
         .store
@@ -97,7 +109,8 @@ pub async fn online_lists(app: &App, user_id: &str) -> BTreeMap<String, Vec<Stri
         Ok(m) => m,
         Err(e) => {
             tracing::warn!(error = %e, "online lists unavailable");
-            return lists;
+            out.small_channels = None;
+            return out;
         }
     };
     let users: Vec<String> = members
@@ -106,6 +119,13 @@ pub async fn online_lists(app: &App, user_id: &str) -> BTreeMap<String, Vec<Stri
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
+    let small: Vec<Uuid> = members
+        .iter()
+        .map(|(c, _)| *c)
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    out.small_channels = Some(small);
     let online: HashSet<&String> = match app.presence.online(&users).await {
         Ok(flags) => users
             .iter()
@@ -115,17 +135,17 @@ pub async fn online_lists(app: &App, user_id: &str) -> BTreeMap<String, Vec<Stri
             .collect(),
         Err(e) => {
             tracing::warn!(error = %e, "online lists unavailable");
-            return lists;
+            return out;
         }
     };
     for (channel, user) in &members {
-        let list: &mut Vec<String> = lists.entry(channel.to_string()).or_default();
+        let list: &mut Vec<String> = out.lists.entry(channel.to_string()).or_default();
         if online.contains(user) {
             list.push(user.clone());
         }
     }
-    lists.values_mut().for_each(|l| l.sort());
-    lists
+    out.lists.values_mut().for_each(|l| l.sort());
+    out
 }
 
 /// The members of a channel online now (`GET /api/channels/{id}/presence`).

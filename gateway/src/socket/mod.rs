@@ -81,9 +81,9 @@ enum Handshake {
         success: Arc<ConnectionSuccess>,
         /// Channels to replay after `connection:success`, from these seqs.
         since: Arc<Vec<(Uuid, i64)>>,
-        /// The user came online with this socket (when, ms): announced
-        /// after `connection:success`.
-        came_online: Option<i64>,
+        /// The user came online with this socket (when, ms; their small
+        /// channels if known): announced after `connection:success`.
+        came_online: Option<(i64, Option<Vec<Uuid>>)>,
     },
     Refused {
         attempt: u64,
@@ -279,16 +279,17 @@ async fn handshake(
     s.join(rooms);
     app.probe(&subscribed);
     open_inbox(app, s, handle, session.clone());
+    let online = crate::presence::online_lists(app, &session.user.id, &ids).await;
     let success = ConnectionSuccess {
         user_id: session.user.id.clone(),
         channels: ids.iter().map(Uuid::to_string).collect(),
         positions: channels.iter().map(|(c, p)| (c.to_string(), *p)).collect(),
-        online: crate::presence::online_lists(app, &session.user.id).await,
+        online: online.lists,
     };
     Ok(Handshake::Accepted {
         success: Arc::new(success),
         since: Arc::new(since),
-        came_online,
+        came_online: came_online.map(|at| (at, online.small_channels)),
     })
 }
 
@@ -320,7 +321,9 @@ async fn run_inbox(
     session: Arc<Session>,
     mut rx: mpsc::Receiver<Inbound>,
 ) {
-    let mut batch = Vec::with_capacity(INBOX_BATCH);
+    // Grows with the largest batch this socket sends: an idle socket holds
+    // no buffer (INBOX_BATCH events would be ~14 KB on every connection).
+    let mut batch = Vec::new();
     while rx.recv_many(&mut batch, INBOX_BATCH).await > 0 {
         // Strong only while a batch is handled: the socket must stay
         // freeable (see `session`).
@@ -494,18 +497,14 @@ async fn on_connect(app: App, s: SocketRef) {
         }) => {
             metrics::counter!("gateway_handshakes_total", "result" => "accepted").increment(1);
             let sent = s.emit(events::CONNECTION_SUCCESS, &*success);
-            if let Some(at) = came_online {
-                // The keys of `online` are the user's small channels; an
-                // empty map may be a failed read: then the announcement
-                // looks them up itself.
-                let known = (!success.online.is_empty()).then(|| {
-                    success
-                        .online
-                        .keys()
-                        .filter_map(|c| Uuid::parse_str(c).ok())
-                        .collect()
-                });
-                crate::presence::announce(&app, success.user_id.clone(), true, at, known);
+            if let Some((at, small_channels)) = came_online {
+                crate::presence::announce(
+                    &app,
+                    success.user_id.clone(),
+                    true,
+                    at,
+                    small_channels,
+                );
             }
             // A client that left during the handshake: disconnecting runs
             // the disconnect handler, which gives its resources back.

@@ -310,6 +310,9 @@ impl Presence for RedisPresence {
     }
 
     async fn online(&self, user_ids: &[String]) -> BusResult<Vec<bool>> {
+        if user_ids.is_empty() {
+            return Ok(Vec::new());
+        }
         let mut by_bucket: Vec<Vec<usize>> = vec![Vec::new(); BUCKETS as usize];
         for (i, u) in user_ids.iter().enumerate() {
             by_bucket[bucket_of(u) as usize].push(i);
