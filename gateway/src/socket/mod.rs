@@ -498,13 +498,7 @@ async fn on_connect(app: App, s: SocketRef) {
             metrics::counter!("gateway_handshakes_total", "result" => "accepted").increment(1);
             let sent = s.emit(events::CONNECTION_SUCCESS, &*success);
             if let Some((at, small_channels)) = came_online {
-                crate::presence::announce(
-                    &app,
-                    success.user_id.clone(),
-                    true,
-                    at,
-                    small_channels,
-                );
+                crate::presence::announce(&app, success.user_id.clone(), true, at, small_channels);
             }
             // A client that left during the handshake: disconnecting runs
             // the disconnect handler, which gives its resources back.
