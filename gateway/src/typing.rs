@@ -97,6 +97,29 @@ impl Typing {
         }
     }
 
+    /// A socket of `user` closed: whatever they were typing stops now
+    /// rather than at the timeout (a closed tab). Another open tab still
+    /// typing starts again with its next renewal.
+    pub async fn stop_user(&self, user: &str) {
+        let now = Instant::now();
+        let forward: Vec<(Uuid, bool)> = {
+            let mut entries = self.lock();
+            entries
+                .iter_mut()
+                .filter(|((u, _), e)| u == user && e.want)
+                .filter_map(|((_, channel), entry)| {
+                    entry.want = false;
+                    entry
+                        .step(now, self.interval)
+                        .map(|state| (*channel, state))
+                })
+                .collect()
+        };
+        for (channel, state) in forward {
+            self.publish(user, channel, state).await;
+        }
+    }
+
     /// The state change to forward now, if any.
     fn update(&self, user: &str, channel: Uuid, typing: bool, now: Instant) -> Option<bool> {
         let mut entries = self.lock();
@@ -204,6 +227,23 @@ mod tests {
         assert_eq!(t.update("a", c, true, t0 + 3 * I), None);
         assert!(t.due(t0 + 8 * I).is_empty(), "renewed at 3 s: lasts to 9 s");
         assert_eq!(t.due(t0 + 9 * I), vec![("a".to_string(), c, false)]);
+    }
+
+    #[tokio::test]
+    async fn a_closed_socket_stops_its_users_typing() {
+        let t = typing();
+        let (c1, c2) = (Uuid::now_v7(), Uuid::now_v7());
+        let t0 = Instant::now() - 2 * I;
+        assert_eq!(t.update("a", c1, true, t0), Some(true));
+        assert_eq!(t.update("a", c2, true, Instant::now()), Some(true));
+        assert_eq!(t.update("b", c1, true, t0), Some(true));
+        t.stop_user("a").await;
+        // c1 was sent long enough ago: stopped at once; c2 waits for its
+        // interval and goes out from the ticker; b is untouched.
+        let entries = t.lock();
+        assert!(!entries[&("a".to_string(), c1)].sent);
+        assert!(entries[&("a".to_string(), c2)].sent && !entries[&("a".to_string(), c2)].want);
+        assert!(entries[&("b".to_string(), c1)].want);
     }
 
     #[test]

@@ -186,6 +186,7 @@ impl Session {
             c.set.drain().chain(revoked).collect()
         };
         app.subscriptions.release(&channels).await;
+        app.typing.stop_user(&self.user.id).await;
         let held = self
             .connection
             .lock()

@@ -173,6 +173,25 @@ test('typing is throttled to one event per second per user and channel, and stop
   assert.deepEqual(events.map((p) => p.typing), [true, false], 'one start for ten, then the automatic stop');
 });
 
+test('closing the typist\'s socket stops their typing at once, not at the timeout', async () => {
+  await sb.ready;
+  const alice = uid('closer');
+  const bob = uid('watcher');
+  const channel = await channelWith(alice, bob);
+  const bobSocket = await connectUser(sb.url(1), bob);
+  const a = await connectUser(sb.url(0), alice);
+  a.emit('typing:start', { channelId: channel.id });
+  await waitFor(bobSocket, 'typing', (p) => p.userId === alice && p.typing);
+  await sleep(1100); // past the throttle interval
+  a.emit('typing:start', { channelId: channel.id }); // renewed: would last TYPING_TIMEOUT_MS more
+  await sleep(100);
+  const closedAt = Date.now();
+  a.disconnect();
+  await waitFor(bobSocket, 'typing', (p) => p.userId === alice && !p.typing, 5000);
+  const took = Date.now() - closedAt;
+  assert.ok(took < TYPING_TIMEOUT_MS - 300, `typing: false ${took} ms after the close`);
+});
+
 test('a gateway killed with kill -9 takes its users offline within the connection TTL', async (t) => {
   if (needsCluster(t)) return;
   const cluster = await startCluster({ gateways: 2, workers: 1, env });
