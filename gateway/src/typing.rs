@@ -10,8 +10,8 @@
 //!   channel (a change inside the interval is sent when it ends, so the last
 //!   state always arrives);
 //! - a `typing: true` not renewed within `TYPING_TIMEOUT_MS` is followed by
-//!   `typing: false` from the server (a closed tab, a node that lost the
-//!   client: the typist's own node times it out).
+//!   `typing: false` from the server (the typist's own node times it out),
+//!   and a closing socket stops its user's typing at once (a closed tab).
 //!
 //! The throttle is per node: a user typing into one channel from two nodes
 //! at once may reach twice the rate.
