@@ -312,12 +312,7 @@ async fn remove_member(
 ) -> Result<Response, ApiError> {
     rest_rate(&app, &caller).await?;
     let channel_id = parse_channel_id(&id)?;
-    let channel = app
-        .store
-        .channel(channel_id)
-        .await
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "Channel not found"))?;
+    let channel = channel_or_404(&app, channel_id).await?;
     if user_id != caller.id && channel.owner_id != caller.id {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -358,12 +353,7 @@ async fn add_member(
         .ok_or_else(|| ApiError::new(StatusCode::BAD_REQUEST, "userId must be a non-empty string"))?
         .to_string();
     storable("userId", &user_id).map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, e))?;
-    let channel = app
-        .store
-        .channel(channel_id)
-        .await
-        .map_err(ApiError::internal)?
-        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "Channel not found"))?;
+    let channel = channel_or_404(&app, channel_id).await?;
     let allowed = if channel.is_private {
         channel.owner_id == caller.id
     } else {
@@ -416,17 +406,21 @@ const MAX_HISTORY_LIMIT: u64 = 100;
 /// Largest catch-up page (`afterSeq`, CONTRACT §6).
 const MAX_CATCH_UP_LIMIT: u64 = 1000;
 
-/// 404 for an unknown channel, 403 for a non-member.
-async fn require_member(app: &App, channel_id: Uuid, caller: &Identity) -> Result<(), ApiError> {
-    if app
-        .store
+/// The channel, or 404.
+async fn channel_or_404(
+    app: &App,
+    channel_id: Uuid,
+) -> Result<switchboard_shared::store::entities::channel::Model, ApiError> {
+    app.store
         .channel(channel_id)
         .await
         .map_err(ApiError::internal)?
-        .is_none()
-    {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "Channel not found"));
-    }
+        .ok_or_else(|| ApiError::new(StatusCode::NOT_FOUND, "Channel not found"))
+}
+
+/// 404 for an unknown channel, 403 for a non-member.
+async fn require_member(app: &App, channel_id: Uuid, caller: &Identity) -> Result<(), ApiError> {
+    channel_or_404(app, channel_id).await?;
     if !app
         .store
         .is_member(channel_id, &caller.id)

@@ -83,31 +83,6 @@ fn count(a: &AtomicU64, n: u64) {
     a.fetch_add(n, Ordering::Relaxed);
 }
 
-/// A gauge's value in a gateway's `/metrics` (0 when absent).
-async fn gauge(base: &str, name: &str) -> f64 {
-    let text = match reqwest::get(format!("{base}/metrics")).await {
-        Ok(r) => r.text().await.unwrap_or_default(),
-        Err(_) => String::new(),
-    };
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Channel topics of this cluster that Redis has subscribers for.
-fn subscribed_channels(prefix: &str) -> usize {
-    let out = std::process::Command::new("redis-cli")
-        .args(["PUBSUB", "CHANNELS", &format!("{prefix}:ch:*")])
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .count()
-}
-
 /// Open file descriptors of a process (sockets included).
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd"))

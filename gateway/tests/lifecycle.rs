@@ -41,33 +41,6 @@ async fn vanish(base: &str, auth: &serde_json::Value, then: Option<String>) {
     drop(ws);
 }
 
-/// A gauge's value in a gateway's `/metrics`.
-async fn gauge(base: &str, name: &str) -> f64 {
-    let text = reqwest::get(format!("{base}/metrics"))
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .unwrap_or_default();
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
-}
-
-/// Channel topics of this cluster that Redis has subscribers for.
-fn subscribed_channels(prefix: &str) -> usize {
-    let out = std::process::Command::new("redis-cli")
-        .args(["PUBSUB", "CHANNELS", &format!("{prefix}:ch:*")])
-        .output()
-        .expect("redis-cli");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .count()
-}
-
 /// Waits until `f` holds (up to 15 s).
 async fn eventually(what: &str, mut f: impl AsyncFnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(15);

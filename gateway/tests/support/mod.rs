@@ -554,3 +554,28 @@ pub fn rss_kib(pid: u32) -> u64 {
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
 }
+
+/// A gauge's value in a gateway's `/metrics` (0 when absent or unreachable).
+pub async fn gauge(base: &str, name: &str) -> f64 {
+    let text = match reqwest::get(format!("{base}/metrics")).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(_) => String::new(),
+    };
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Channel topics under `prefix` that Redis has subscribers for.
+pub fn subscribed_channels(prefix: &str) -> usize {
+    let out = Command::new("redis-cli")
+        .args(["PUBSUB", "CHANNELS", &format!("{prefix}:ch:*")])
+        .output()
+        .expect("redis-cli");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .count()
+}
