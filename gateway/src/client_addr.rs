@@ -198,14 +198,6 @@ mod props {
     use proptest::prelude::*;
     use std::net::{Ipv4Addr, Ipv6Addr};
 
-    fn config() -> ProptestConfig {
-        ProptestConfig {
-            cases: 512,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        }
-    }
-
     fn arb_ip() -> impl Strategy<Value = IpAddr> {
         prop_oneof![
             any::<u32>().prop_map(|v| IpAddr::V4(Ipv4Addr::from(v))),
@@ -268,7 +260,7 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(config())]
+        #![proptest_config(crate::testing::prop_config(512))]
 
         /// Arbitrary header bytes: no panic, and the answer is the peer or
         /// an address that is literally in the header.

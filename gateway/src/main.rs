@@ -14,6 +14,8 @@ mod server;
 mod socket;
 mod state;
 mod subscriptions;
+#[cfg(test)]
+mod testing;
 mod typing;
 mod users;
 

@@ -173,14 +173,6 @@ mod props {
     use proptest::prelude::*;
     use serde_json::{json, Map, Value};
 
-    fn config() -> ProptestConfig {
-        ProptestConfig {
-            cases: 512,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        }
-    }
-
     /// Any JSON value, nested a few levels.
     fn arb_json() -> impl Strategy<Value = Value> {
         let leaf = prop_oneof![
@@ -221,7 +213,7 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(config())]
+        #![proptest_config(crate::testing::prop_config(512))]
 
         /// Arbitrary `auth` payloads: no panic, and only the user's channels
         /// with non-negative seqs come out.
@@ -290,7 +282,7 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(config())]
+        #![proptest_config(crate::testing::prop_config(512))]
 
         /// Each channel is caught up at most once per handshake, however
         /// its id is spelled in `since`.

@@ -551,14 +551,6 @@ mod props {
     use super::*;
     use proptest::prelude::*;
 
-    fn config() -> ProptestConfig {
-        ProptestConfig {
-            cases: 1024,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        }
-    }
-
     /// The contract's reading of a `limit`: an unsigned decimal integer
     /// (Rust's `u64` grammar: digits, optionally after one `+`) in 1..=max.
     fn model_limit(raw: &str, max: u64) -> Option<u64> {
@@ -590,7 +582,7 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(config())]
+        #![proptest_config(crate::testing::prop_config(1024))]
 
         #[test]
         fn limit_accepts_exactly_one_to_max(

@@ -473,14 +473,6 @@ mod props {
 
     const SECRET: &str = "prop-secret";
 
-    fn config() -> ProptestConfig {
-        ProptestConfig {
-            cases: 256,
-            failure_persistence: None,
-            ..ProptestConfig::default()
-        }
-    }
-
     fn verifier() -> Verifier {
         let s = Settings::from_vars([("AUTH_DEV_SECRET".to_string(), SECRET.to_string())])
             .expect("settings");
@@ -510,7 +502,7 @@ mod props {
     }
 
     proptest! {
-        #![proptest_config(config())]
+        #![proptest_config(crate::testing::prop_config(256))]
 
         #[test]
         fn junk_tokens_never_panic_and_never_pass(

@@ -295,12 +295,7 @@ impl RedisBus {
                 complete: Script::from_lua(COMPLETE_LUA),
                 count: Script::from_lua(COUNT_LUA),
             },
-            fail_fast: Options {
-                fail_fast: true,
-                max_attempts: Some(1),
-                timeout: Some(Duration::from_secs(3)),
-                ..Default::default()
-            },
+            fail_fast: fail_fast_options(),
         })
     }
 
@@ -448,12 +443,7 @@ impl RedisBus {
         keys: Vec<String>,
         args: Vec<Value>,
     ) -> Result<R, fred::error::Error> {
-        let opts = if fail_fast {
-            self.fail_fast.clone()
-        } else {
-            Options::default()
-        };
-        evalsha(&self.cmd, &opts, script, keys, args).await
+        evalsha(&self.cmd, fail_fast, script, keys, args).await
     }
 
     fn partition_of_key(&self, key: &str) -> Option<u32> {
@@ -461,17 +451,34 @@ impl RedisBus {
     }
 }
 
-/// `EVALSHA` of `script` on `client` with `opts`, loading the script first
-/// when Redis does not know it (after a restart). The one way every Redis
-/// seam of this crate runs a single script.
+/// Options of a command a client waits on: fail at once while Redis is
+/// unreachable instead of waiting for the reconnect.
+pub(crate) fn fail_fast_options() -> Options {
+    Options {
+        fail_fast: true,
+        max_attempts: Some(1),
+        timeout: Some(Duration::from_secs(3)),
+        ..Default::default()
+    }
+}
+
+/// `EVALSHA` of `script` on `client` (with [`fail_fast_options`] when
+/// `fail_fast`), loading the script first when Redis does not know it
+/// (after a restart). The one way every Redis seam of this crate runs a
+/// single script.
 pub(crate) async fn evalsha<R: FromValue>(
     client: &Client,
-    opts: &Options,
+    fail_fast: bool,
     script: &Script,
     keys: Vec<String>,
     args: Vec<Value>,
 ) -> Result<R, fred::error::Error> {
-    let with = client.with_options(opts);
+    let opts = if fail_fast {
+        fail_fast_options()
+    } else {
+        Options::default()
+    };
+    let with = client.with_options(&opts);
     let mut argv: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
     argv.push(Value::from(script.sha1().clone()));
     argv.push(Value::from(keys.len() as i64));

@@ -106,8 +106,6 @@ pub struct RedisPresence {
     refresh: Script,
     release: Script,
     sweep: Script,
-    /// A handshake waits on its claim: fail at once while Redis is down.
-    fail_fast: Options,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {
@@ -128,12 +126,6 @@ impl RedisPresence {
             refresh: Script::from_lua(REFRESH_LUA),
             release: Script::from_lua(RELEASE_LUA),
             sweep: Script::from_lua(SWEEP_LUA),
-            fail_fast: Options {
-                fail_fast: true,
-                max_attempts: Some(1),
-                timeout: Some(Duration::from_secs(3)),
-                ..Default::default()
-            },
         }
     }
 
@@ -156,22 +148,6 @@ impl RedisPresence {
             format!("{}{user_id}", self.conns_prefix(b)),
             self.online_key(b),
         ]
-    }
-
-    /// One script call ([`crate::bus::redis::evalsha`]).
-    async fn eval(
-        &self,
-        script: &Script,
-        fail_fast: bool,
-        keys: Vec<String>,
-        args: Vec<Value>,
-    ) -> Result<Value, fred::error::Error> {
-        let opts = if fail_fast {
-            self.fail_fast.clone()
-        } else {
-            Options::default()
-        };
-        evalsha(&self.client, &opts, script, keys, args).await
     }
 
     /// Runs one script many times in one pipeline (one round trip); calls
@@ -219,20 +195,21 @@ impl Presence for RedisPresence {
         limit: usize,
         ttl: Duration,
     ) -> BusResult<Claim> {
-        let reply = self
-            .eval(
-                &self.claim,
-                true,
-                self.keys(user_id),
-                vec![
-                    Value::from(member),
-                    Value::from(limit as i64),
-                    Value::from(ttl.as_millis() as i64),
-                    Value::from(user_id),
-                ],
-            )
-            .await
-            .map_err(unavailable)?;
+        // A handshake waits on its claim: fail at once while Redis is down.
+        let reply: Value = evalsha(
+            &self.client,
+            true,
+            &self.claim,
+            self.keys(user_id),
+            vec![
+                Value::from(member),
+                Value::from(limit as i64),
+                Value::from(ttl.as_millis() as i64),
+                Value::from(user_id),
+            ],
+        )
+        .await
+        .map_err(unavailable)?;
         match reply.as_i64() {
             Some(-1) => Ok(Claim::Refused),
             Some(0) => Ok(Claim::Accepted { came_online: None }),
@@ -267,9 +244,10 @@ impl Presence for RedisPresence {
     }
 
     async fn release(&self, user_id: &str, member: &str, grace: Duration) -> BusResult<()> {
-        self.eval(
-            &self.release,
+        let _: Value = evalsha(
+            &self.client,
             false,
+            &self.release,
             self.keys(user_id),
             vec![
                 Value::from(member),
