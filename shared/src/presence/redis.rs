@@ -17,7 +17,7 @@ use fred::types::scripts::Script;
 use fred::types::CustomCommand;
 
 use super::{bucket_of, Claim, Presence, WentOffline, BUCKETS};
-use crate::bus::redis::evalsha;
+use crate::bus::redis::{eval_pipelined, evalsha};
 use crate::bus::{BusError, BusResult};
 
 /// `now` in ms on Redis' clock, the first lines of every script.
@@ -112,10 +112,6 @@ fn unavailable(e: impl std::fmt::Display) -> BusError {
     BusError::Unavailable(e.to_string())
 }
 
-fn is_noscript(e: &fred::error::Error) -> bool {
-    e.details().contains("NOSCRIPT")
-}
-
 impl RedisPresence {
     /// Uses `client` (the bus' command connection) under `prefix`.
     pub fn new(client: Client, prefix: &str) -> Self {
@@ -150,39 +146,21 @@ impl RedisPresence {
         ]
     }
 
-    /// Runs one script many times in one pipeline (one round trip); calls
-    /// refused with `NOSCRIPT` (Redis restarted) are run again once loaded.
+    /// Runs one script many times in one pipeline (one round trip), each
+    /// call on its bucket's node (see `bus::redis::eval_pipelined`).
     async fn eval_many(
         &self,
         script: &Script,
         calls: Vec<(Vec<String>, Vec<Value>)>,
     ) -> Result<Vec<Value>, fred::error::Error> {
-        let argv = |(keys, args): &(Vec<String>, Vec<Value>)| {
-            let mut v: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
-            v.push(Value::from(script.sha1().clone()));
-            v.push(Value::from(keys.len() as i64));
-            v.extend(keys.iter().map(|k| Value::from(k.as_str())));
-            v.extend(args.iter().cloned());
-            v
-        };
-        let evalsha = CustomCommand::new_static("EVALSHA", None, false);
-        let pipeline = self.client.pipeline();
-        for call in &calls {
-            let _: Result<(), _> = pipeline.custom(evalsha.clone(), argv(call)).await;
-        }
-        let mut results = pipeline.try_all::<Value>().await;
-        if results
-            .iter()
-            .any(|r| matches!(r, Err(e) if is_noscript(e)))
-        {
-            script.load(&self.client).await?;
-            for (i, call) in calls.iter().enumerate() {
-                if matches!(&results[i], Err(e) if is_noscript(e)) {
-                    results[i] = self.client.custom(evalsha.clone(), argv(call)).await;
-                }
-            }
-        }
-        results.into_iter().collect()
+        let calls = calls
+            .into_iter()
+            .map(|(keys, args)| (script, keys, args))
+            .collect();
+        eval_pipelined(&self.client, calls)
+            .await
+            .into_iter()
+            .collect()
     }
 }
 

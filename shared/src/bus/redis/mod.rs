@@ -9,19 +9,38 @@
 //! - `subscriber`: the pub/sub connection, which re-subscribes to every
 //!   tracked topic after a reconnect (see [`RedisBus::connect`]).
 //!
-//! Multi-key work runs in Lua scripts so that it is one round trip and
-//! atomic. This expects a single Redis (or a primary with replicas), not a
-//! Redis Cluster.
+//! Multi-key work runs in Lua scripts (`scripts`) so that it is one round
+//! trip and atomic.
+//!
+//! On a Redis Cluster (`redis-cluster://` URL) the same keys are used, and
+//! what a single script or command cannot do across slots is split
+//! (`slots`): dedupe keys are claimed and settled with one script per slot,
+//! all in one pipeline; the end of a batch publishes first, then settles and
+//! acknowledges (two round trips instead of one); a worker reads each
+//! partition on its own connection (`reads`); and fan-out uses sharded
+//! pub/sub (`SPUBLISH`/`SSUBSCRIBE`), so a message goes to one shard and
+//! reaches only the gateways subscribed to its channel. A stream and the
+//! token buckets checked with its appends share a slot
+//! ([`RedisBus::bucket_key`]).
+
+mod pubsub;
+mod reads;
+mod scripts;
+mod slots;
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use fred::clients::SubscriberClient;
+use fred::clients::{Pipeline, SubscriberClient};
 use fred::prelude::*;
 use fred::types::scripts::Script;
 use fred::types::CustomCommand;
 use tokio::sync::broadcast;
+
+use pubsub::{spawn_forwarder, spawn_resubscriber};
+use reads::ClusterReads;
+use scripts::Scripts;
 
 use super::{
     Backlog, BatchEnd, Bus, BusError, BusResult, DedupeClaim, PartitionBatch, RateLimit,
@@ -31,196 +50,11 @@ use super::{
 /// Consumer group of the workers on every partition stream.
 const GROUP: &str = "workers";
 
-/// The token bucket both rate-limit scripts share (a macro, so that it can
-/// be `concat!`ed into their source): `bucket_peek` refills a bucket by the
-/// elapsed Redis time and returns its tokens, the time, and the retry-after
-/// ms when fewer than one token is left; `bucket_store` takes the token.
-macro_rules! bucket_lua {
-    () => {
-        r#"
-if redis.replicate_commands then redis.replicate_commands() end
-local function bucket_peek(key, rate, burst)
-  local t = redis.call('TIME')
-  local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local b = redis.call('HMGET', key, 't', 'ts')
-  local tokens = tonumber(b[1]) or burst
-  local last = tonumber(b[2]) or now
-  local elapsed = now - last
-  if elapsed < 0 then elapsed = 0 end
-  tokens = math.min(burst, tokens + elapsed * rate / 1000)
-  if tokens < 1 then
-    return tokens, now, math.max(1, math.ceil((1 - tokens) * 1000 / rate))
-  end
-  return tokens, now, nil
-end
-local function bucket_store(key, tokens, now, ttl)
-  redis.call('HSET', key, 't', tostring(tokens), 'ts', now)
-  redis.call('PEXPIRE', key, ttl)
-end
-"#
-    };
-}
-
-/// Appends unless the partition already holds `ARGV[1]` entries. Entries are
-/// deleted once acknowledged, so the length is the unacknowledged backlog.
-///
-/// With a second key, that key is the sender's token bucket (CONTRACT §10,
-/// `RateLimit::take` is the same formula): ARGV[3] tokens per second,
-/// ARGV[4] burst, ARGV[5] idle TTL in ms. An empty bucket answers
-/// `rl:<retry after ms>` (a stream id never starts with `r`), and a full
-/// stream takes no token: the check costs no extra round trip.
-const APPEND_LUA: &str = concat!(
-    bucket_lua!(),
-    r#"
-local bucket
-if #KEYS > 1 then
-  local tokens, now, retry = bucket_peek(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
-  if retry then return 'rl:' .. retry end
-  bucket = {tokens - 1, now}
-end
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
-if bucket then bucket_store(KEYS[2], bucket[1], bucket[2], ARGV[5]) end
-return redis.call('XADD', KEYS[1], '*', 'p', ARGV[2])
-"#
-);
-
-/// A token bucket on its own (`Bus::take_token`): the bucket half of
-/// `APPEND_LUA`. Returns 0 when a token was taken, else the retry-after ms.
-const TOKEN_LUA: &str = concat!(
-    bucket_lua!(),
-    r#"
-local tokens, now, retry = bucket_peek(KEYS[1], tonumber(ARGV[1]), tonumber(ARGV[2]))
-if retry then return retry end
-bucket_store(KEYS[1], tokens - 1, now, ARGV[3])
-return 0
-"#
-);
-
-/// Acknowledges and deletes entries.
-const ACK_LUA: &str = r#"
-redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, 2))
-return redis.call('XDEL', KEYS[1], unpack(ARGV, 2))
-"#;
-
-/// Takes or extends a lease held by nobody or by us.
-const ACQUIRE_LUA: &str = r#"
-local v = redis.call('GET', KEYS[1])
-if not v then redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2]) return 1 end
-if v == ARGV[1] then redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1 end
-return 0
-"#;
-
-/// Extends a lease only if it is still ours (an expired lease is lost).
-const RENEW_LUA: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  redis.call('PEXPIRE', KEYS[1], ARGV[2]) return 1
-end
-return 0
-"#;
-
-const RELEASE_LUA: &str = r#"
-if redis.call('GET', KEYS[1]) == ARGV[1] then redis.call('DEL', KEYS[1]) end
-return 1
-"#;
-
-/// Marks a worker alive, forgets the silent ones, counts the rest.
-const HEARTBEAT_LUA: &str = r#"
-local now = redis.call('TIME')
-local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
-redis.call('ZADD', KEYS[1], ms, ARGV[1])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms - tonumber(ARGV[2]))
-return redis.call('ZCARD', KEYS[1])
-"#;
-
-/// `SET NX GET PX` per key: returns 0 for a claimed key, else the old value.
-const CLAIM_LUA: &str = r#"
-local out = {}
-for i = 1, #KEYS do
-  local old = redis.call('SET', KEYS[i], ARGV[i + 1], 'NX', 'GET', 'PX', ARGV[1])
-  if old then out[i] = old else out[i] = 0 end
-end
-return out
-"#;
-
-/// Sets the first `ARGV[2]` keys to their values with a TTL, deletes the rest.
-const SETTLE_LUA: &str = r#"
-local n = tonumber(ARGV[2])
-for i = 1, #KEYS do
-  if i <= n then redis.call('SET', KEYS[i], ARGV[i + 2], 'PX', ARGV[1])
-  else redis.call('DEL', KEYS[i]) end
-end
-return 1
-"#;
-
-/// Deletes `KEYS[i]` only if it still holds `ARGV[i]` (our own claim).
-const RELEASE_DEDUPE_LUA: &str = r#"
-for i = 1, #KEYS do
-  if redis.call('GET', KEYS[i]) == ARGV[i] then redis.call('DEL', KEYS[i]) end
-end
-return 1
-"#;
-
-/// The end of a batch in one round trip: publish, settle dedupe keys,
-/// acknowledge. KEYS: the keys to set, the keys to delete, the streams to
-/// acknowledge on. ARGV: ttl, #set, #delete, #publish, #streams, then the
-/// (topic, payload) pairs, the values of the keys to set, and per stream its
-/// entry count followed by its entry ids.
-const COMPLETE_LUA: &str = r#"
-local ttl = ARGV[1]
-local nset, ndel = tonumber(ARGV[2]), tonumber(ARGV[3])
-local npub, nstreams = tonumber(ARGV[4]), tonumber(ARGV[5])
-local a = 6
-for i = 1, npub do
-  redis.call('PUBLISH', ARGV[a], ARGV[a + 1])
-  a = a + 2
-end
-for i = 1, nset do
-  redis.call('SET', KEYS[i], ARGV[a], 'PX', ttl)
-  a = a + 1
-end
-for i = nset + 1, nset + ndel do
-  redis.call('DEL', KEYS[i])
-end
-for s = 1, nstreams do
-  local key = KEYS[nset + ndel + s]
-  local n = tonumber(ARGV[a])
-  local ids = {}
-  for j = 1, n do ids[j] = ARGV[a + j] end
-  a = a + n + 1
-  if n > 0 then
-    redis.call('XACK', key, 'workers', unpack(ids))
-    redis.call('XDEL', key, unpack(ids))
-  end
-end
-return 1
-"#;
-
-const COUNT_LUA: &str = r#"
-local n = redis.call('INCR', KEYS[1])
-if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
-return n
-"#;
-
 /// Capacity (in pub/sub messages, each a batch of events) of the channel
 /// between the subscriber and its readers. A reader that falls this far
 /// behind loses messages, which is counted and logged. A broadcast channel
 /// keeps its last `capacity` payloads alive, so this also bounds memory.
 const INCOMING_CAPACITY: usize = 4096;
-
-struct Scripts {
-    append: Script,
-    token: Script,
-    ack: Script,
-    acquire: Script,
-    renew: Script,
-    release: Script,
-    heartbeat: Script,
-    claim: Script,
-    settle: Script,
-    release_dedupe: Script,
-    complete: Script,
-    count: Script,
-}
 
 pub struct RedisBus {
     topics: Topics,
@@ -231,6 +65,8 @@ pub struct RedisBus {
     clustered: bool,
     cmd: Client,
     reader: Client,
+    /// On a cluster: a connection per partition read (see `reads`).
+    cluster_reads: Option<ClusterReads>,
     subscriber: SubscriberClient,
     incoming: broadcast::Sender<TopicMessage>,
     gaps: tokio::sync::watch::Sender<u64>,
@@ -270,7 +106,8 @@ impl RedisBus {
         let (incoming, _) = broadcast::channel(INCOMING_CAPACITY);
         let gaps = tokio::sync::watch::Sender::new(0u64);
         spawn_forwarder(&subscriber, incoming.clone(), gaps.clone());
-        spawn_resubscriber(&subscriber, gaps.clone());
+        spawn_resubscriber(&subscriber, gaps.clone(), clustered);
+        let cluster_reads = clustered.then(|| ClusterReads::new(reader.clone()));
 
         Ok(Self {
             topics: Topics::new(prefix),
@@ -278,23 +115,11 @@ impl RedisBus {
             clustered,
             cmd,
             reader,
+            cluster_reads,
             subscriber,
             incoming,
             gaps,
-            scripts: Scripts {
-                append: Script::from_lua(APPEND_LUA),
-                token: Script::from_lua(TOKEN_LUA),
-                ack: Script::from_lua(ACK_LUA),
-                acquire: Script::from_lua(ACQUIRE_LUA),
-                renew: Script::from_lua(RENEW_LUA),
-                release: Script::from_lua(RELEASE_LUA),
-                heartbeat: Script::from_lua(HEARTBEAT_LUA),
-                claim: Script::from_lua(CLAIM_LUA),
-                settle: Script::from_lua(SETTLE_LUA),
-                release_dedupe: Script::from_lua(RELEASE_DEDUPE_LUA),
-                complete: Script::from_lua(COMPLETE_LUA),
-                count: Script::from_lua(COUNT_LUA),
-            },
+            scripts: Scripts::new(),
             fail_fast: fail_fast_options(),
         })
     }
@@ -324,9 +149,9 @@ impl RedisBus {
     ) -> Vec<BusResult<String>> {
         let run = |entries: Vec<(u32, Bytes)>| async move {
             let pipeline = self.cmd.pipeline();
-            let evalsha = CustomCommand::new_static("EVALSHA", None, false);
             for (partition, payload) in entries {
                 let stream = self.topics.stream(partition);
+                let evalsha = CustomCommand::new_static("EVALSHA", slots::at(&stream), false);
                 let mut args = vec![Value::from(self.scripts.append.sha1().clone())];
                 match limit {
                     Some(l) => {
@@ -343,7 +168,7 @@ impl RedisBus {
                         Value::from(l.idle_ttl_ms() as i64),
                     ]);
                 }
-                let _: Result<(), _> = pipeline.custom(evalsha.clone(), args).await;
+                let _: Result<(), _> = pipeline.custom(evalsha, args).await;
             }
             pipeline.try_all::<Option<String>>().await
         };
@@ -375,25 +200,7 @@ impl RedisBus {
     }
 
     async fn ensure_group(&self, partition: u32) -> BusResult<()> {
-        let key = self.topics.stream(partition);
-        let res: Result<Value, _> = self
-            .cmd
-            .custom(
-                CustomCommand::new_static("XGROUP", None, false),
-                vec![
-                    Value::from("CREATE"),
-                    Value::from(key),
-                    Value::from(GROUP),
-                    Value::from("0"),
-                    Value::from("MKSTREAM"),
-                ],
-            )
-            .await;
-        match res {
-            Ok(_) => Ok(()),
-            Err(e) if e.details().contains("BUSYGROUP") => Ok(()),
-            Err(e) => Err(unavailable(e)),
-        }
+        reads::ensure_group(&self.cmd, &self.topics.stream(partition), GROUP).await
     }
 
     async fn xreadgroup(
@@ -419,17 +226,13 @@ impl RedisBus {
         for _ in partitions {
             args.push(">".into());
         }
-        // A read in flight when Redis goes away must fail soon, not wait for
-        // the reconnect: the worker's loop has leases to re-take meanwhile.
-        let opts = Options {
-            timeout: Some(block + Duration::from_secs(1)),
-            max_attempts: Some(1),
-            fail_fast: true,
-            ..Default::default()
-        };
+        let first = partitions.first().map(|p| self.topics.stream(*p));
         self.reader
-            .with_options(&opts)
-            .custom(CustomCommand::new_static("XREADGROUP", None, true), args)
+            .with_options(&reads::read_options(block))
+            .custom(
+                CustomCommand::new_static("XREADGROUP", first.as_deref().map(slots::slot), true),
+                args,
+            )
             .await
     }
 
@@ -446,6 +249,127 @@ impl RedisBus {
         evalsha(&self.cmd, fail_fast, script, keys, args).await
     }
 
+    /// Parses an `XREADGROUP` reply into batches, per partition.
+    fn parse_read(&self, value: Value) -> BusResult<Vec<PartitionBatch>> {
+        let mut out = Vec::new();
+        let streams: Vec<(Value, Value)> = match value {
+            Value::Null => Vec::new(),
+            Value::Map(map) => map
+                .inner()
+                .into_iter()
+                .map(|(k, v)| (Value::from(k), v))
+                .collect(),
+            Value::Array(items) => items
+                .into_iter()
+                .filter_map(|s| {
+                    let mut it = s.into_array().into_iter();
+                    Some((it.next()?, it.next()?))
+                })
+                .collect(),
+            other => return Err(BusError::Protocol(format!("XREADGROUP: {other:?}"))),
+        };
+        for (key, entries) in streams {
+            let Some(key) = key.as_string() else { continue };
+            let Some(partition) = self.partition_of_key(&key) else {
+                continue;
+            };
+            let entries = parse_entries(entries, 1);
+            if !entries.is_empty() {
+                out.push(PartitionBatch { partition, entries });
+            }
+        }
+        Ok(out)
+    }
+
+    /// On a cluster: the dedupe keys' settle (as `SETTLE_LUA`), one call
+    /// per slot. `set` keys get their value with `ttl`, the others are
+    /// deleted.
+    fn settle_calls(
+        &self,
+        set: &[(String, String)],
+        ttl: Duration,
+        delete: &[String],
+    ) -> Vec<(&Script, Vec<String>, Vec<Value>)> {
+        let keys: Vec<String> = set
+            .iter()
+            .map(|(k, _)| self.topics.dedupe(k))
+            .chain(delete.iter().map(|k| self.topics.dedupe(k)))
+            .collect();
+        slots::group_by_slot(keys.iter().map(String::as_str))
+            .into_iter()
+            .map(|group| {
+                // Set keys come first in `keys`, so a group keeps that order.
+                let nset = group.iter().filter(|i| **i < set.len()).count();
+                let mut args = vec![
+                    Value::from(ttl.as_millis() as i64),
+                    Value::from(nset as i64),
+                ];
+                args.extend(
+                    group[..nset]
+                        .iter()
+                        .map(|i| Value::from(set[*i].1.as_str())),
+                );
+                let keys = group.iter().map(|i| keys[*i].clone()).collect();
+                (&self.scripts.settle, keys, args)
+            })
+            .collect()
+    }
+
+    /// [`Bus::claim_dedupe`] on a cluster: one `CLAIM_LUA` per slot, in one
+    /// pipeline.
+    async fn claim_dedupe_per_slot(
+        &self,
+        keys: Vec<String>,
+        claims: &[(String, String)],
+        ttl: Duration,
+    ) -> BusResult<Vec<DedupeClaim>> {
+        let groups = slots::group_by_slot(keys.iter().map(String::as_str));
+        let calls = groups
+            .iter()
+            .map(|group| {
+                let mut args = vec![Value::from(ttl.as_millis() as i64)];
+                args.extend(group.iter().map(|i| Value::from(claims[*i].1.as_str())));
+                let keys = group.iter().map(|i| keys[*i].clone()).collect();
+                (&self.scripts.claim, keys, args)
+            })
+            .collect();
+        let mut out = vec![DedupeClaim::Claimed; claims.len()];
+        for (group, reply) in groups.iter().zip(eval_pipelined(&self.cmd, calls).await) {
+            let reply = reply.map_err(unavailable)?;
+            for (i, v) in group.iter().zip(reply.into_array()) {
+                out[*i] = dedupe_claim(v);
+            }
+        }
+        Ok(out)
+    }
+
+    /// [`Bus::complete_batch`] on a cluster: publish first, then settle and
+    /// acknowledge in one pipeline (one script per slot). Two round trips
+    /// where a single Redis needs one; the order that matters (an event is
+    /// out before its entry is acknowledged) is kept.
+    async fn complete_batch_per_slot(&self, batch: BatchEnd) -> BusResult<()> {
+        self.publish(batch.publish).await?;
+        let mut calls =
+            self.settle_calls(&batch.settle_set, batch.settle_ttl, &batch.settle_delete);
+        for (partition, ids) in &batch.acks {
+            if ids.is_empty() {
+                continue;
+            }
+            let mut args: Vec<Value> = Vec::with_capacity(ids.len() + 1);
+            args.push(GROUP.into());
+            args.extend(ids.iter().map(|i| Value::from(i.as_str())));
+            calls.push((
+                &self.scripts.ack,
+                vec![self.topics.stream(*partition)],
+                args,
+            ));
+        }
+        for reply in eval_pipelined(&self.cmd, calls).await {
+            reply.map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
     fn partition_of_key(&self, key: &str) -> Option<u32> {
         key.rsplit(':').next().and_then(|p| p.parse().ok())
     }
@@ -460,6 +384,56 @@ pub(crate) fn fail_fast_options() -> Options {
         timeout: Some(Duration::from_secs(3)),
         ..Default::default()
     }
+}
+
+/// One pipeline of `EVALSHA` calls, each routed to its first key's slot.
+async fn eval_send(
+    client: &Client,
+    calls: Vec<(&Script, Vec<String>, Vec<Value>)>,
+) -> Vec<Result<Value, fred::error::Error>> {
+    let pipeline: Pipeline<Client> = client.pipeline();
+    for (script, keys, args) in calls {
+        let route = keys.first().map(|k| slots::slot(k));
+        let mut argv: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
+        argv.push(Value::from(script.sha1().clone()));
+        argv.push(Value::from(keys.len() as i64));
+        argv.extend(keys.into_iter().map(Value::from));
+        argv.extend(args);
+        let command = CustomCommand::new_static("EVALSHA", route, false);
+        let _: Result<(), _> = pipeline.custom(command, argv).await;
+    }
+    pipeline.try_all::<Value>().await
+}
+
+/// Runs several scripts in one pipeline (on a cluster, each call on the
+/// node of its keys' slot), one result per call in order. Calls refused
+/// with `NOSCRIPT` (a node that restarted or was just promoted does not
+/// know the script) are run again once after loading their script.
+pub(crate) async fn eval_pipelined(
+    client: &Client,
+    calls: Vec<(&Script, Vec<String>, Vec<Value>)>,
+) -> Vec<Result<Value, fred::error::Error>> {
+    let mut results = eval_send(client, calls.clone()).await;
+    let again: Vec<usize> = results
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| matches!(r, Err(e) if e.details().contains("NOSCRIPT")))
+        .map(|(i, _)| i)
+        .collect();
+    if again.is_empty() {
+        return results;
+    }
+    for i in &again {
+        if let Err(e) = calls[*i].0.load(client).await {
+            results[*i] = Err(e);
+            return results;
+        }
+    }
+    let retried = eval_send(client, again.iter().map(|i| calls[*i].clone()).collect()).await;
+    for (i, r) in again.into_iter().zip(retried) {
+        results[i] = r;
+    }
+    results
 }
 
 /// `EVALSHA` of `script` on `client` (with [`fail_fast_options`] when
@@ -482,9 +456,10 @@ pub(crate) async fn evalsha<R: FromValue>(
     let mut argv: Vec<Value> = Vec::with_capacity(2 + keys.len() + args.len());
     argv.push(Value::from(script.sha1().clone()));
     argv.push(Value::from(keys.len() as i64));
+    let route = keys.first().map(|k| slots::slot(k));
     argv.extend(keys.into_iter().map(Value::from));
     argv.extend(args);
-    let command = CustomCommand::new_static("EVALSHA", None, false);
+    let command = CustomCommand::new_static("EVALSHA", route, false);
     match with.custom(command.clone(), argv.clone()).await {
         Err(e) if e.details().contains("NOSCRIPT") => {
             script.load(client).await?;
@@ -494,71 +469,12 @@ pub(crate) async fn evalsha<R: FromValue>(
     }
 }
 
-/// Moves pub/sub messages from fred's channel to ours, so readers depend on
-/// the trait's type only.
-fn spawn_forwarder(
-    subscriber: &SubscriberClient,
-    out: broadcast::Sender<TopicMessage>,
-    gaps: tokio::sync::watch::Sender<u64>,
-) {
-    let mut rx = subscriber.message_rx();
-    tokio::spawn(async move {
-        loop {
-            match rx.recv().await {
-                Ok(msg) => {
-                    let payload = msg.value.into_bytes().unwrap_or_default();
-                    let _ = out.send(TopicMessage {
-                        topic: msg.channel.to_string(),
-                        payload,
-                    });
-                }
-                Err(broadcast::error::RecvError::Lagged(n)) => {
-                    metrics::counter!("bus_pubsub_lagged_total").increment(n);
-                    tracing::error!(lost = n, "pub/sub forwarder lagged");
-                    gaps.send_modify(|g| *g += 1);
-                }
-                Err(broadcast::error::RecvError::Closed) => break,
-            }
-        }
-    });
-}
-
-/// After every reconnect, subscribes again to every tracked topic, retrying
-/// until it succeeds. (A reconnect without this silently stops fan-out: the
-/// known failure of adapters that subscribe once at start.)
-fn spawn_resubscriber(subscriber: &SubscriberClient, gaps: tokio::sync::watch::Sender<u64>) {
-    let subscriber = subscriber.clone();
-    let mut reconnects = subscriber.reconnect_rx();
-    tokio::spawn(async move {
-        loop {
-            match reconnects.recv().await {
-                // Several reconnects collapsed into one: one re-subscribe serves them all.
-                Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                Err(broadcast::error::RecvError::Closed) => break,
-            }
-            let mut delay = Duration::from_millis(50);
-            loop {
-                match subscriber.resubscribe_all().await {
-                    Ok(()) => {
-                        // Whatever was published while the connection was
-                        // down is gone: readers repair from the database.
-                        gaps.send_modify(|g| *g += 1);
-                        metrics::counter!("bus_resubscribes_total").increment(1);
-                        tracing::info!(
-                            topics = subscriber.tracked_channels().len(),
-                            "re-subscribed after Redis reconnect"
-                        );
-                        break;
-                    }
-                    Err(e) => {
-                        tracing::warn!(error = %e, "re-subscribe failed, retrying");
-                        tokio::time::sleep(delay).await;
-                        delay = (delay * 2).min(Duration::from_secs(2));
-                    }
-                }
-            }
-        }
-    });
+/// A `CLAIM_LUA` reply item: 0 for a claimed key, else the key's value.
+fn dedupe_claim(v: Value) -> DedupeClaim {
+    match v {
+        Value::Integer(_) => DedupeClaim::Claimed,
+        other => DedupeClaim::Existing(other.as_string().unwrap_or_default()),
+    }
 }
 
 fn parse_fields_payload(fields: Value) -> Bytes {
@@ -670,6 +586,13 @@ impl Bus for RedisBus {
         max: usize,
         block: Duration,
     ) -> BusResult<Vec<PartitionBatch>> {
+        if let Some(reads) = &self.cluster_reads {
+            return reads
+                .read(&self.topics, GROUP, partitions, consumer, max, block, |v| {
+                    self.parse_read(v)
+                })
+                .await;
+        }
         if partitions.is_empty() {
             tokio::time::sleep(block).await;
             return Ok(Vec::new());
@@ -686,34 +609,7 @@ impl Bus for RedisBus {
             }
             Err(e) => return Err(unavailable(e)),
         };
-        let mut out = Vec::new();
-        let streams: Vec<(Value, Value)> = match value {
-            Value::Null => Vec::new(),
-            Value::Map(map) => map
-                .inner()
-                .into_iter()
-                .map(|(k, v)| (Value::from(k), v))
-                .collect(),
-            Value::Array(items) => items
-                .into_iter()
-                .filter_map(|s| {
-                    let mut it = s.into_array().into_iter();
-                    Some((it.next()?, it.next()?))
-                })
-                .collect(),
-            other => return Err(BusError::Protocol(format!("XREADGROUP: {other:?}"))),
-        };
-        for (key, entries) in streams {
-            let Some(key) = key.as_string() else { continue };
-            let Some(partition) = self.partition_of_key(&key) else {
-                continue;
-            };
-            let entries = parse_entries(entries, 1);
-            if !entries.is_empty() {
-                out.push(PartitionBatch { partition, entries });
-            }
-        }
-        Ok(out)
+        self.parse_read(value)
     }
 
     async fn claim_pending(
@@ -972,23 +868,22 @@ impl Bus for RedisBus {
             return Ok(Vec::new());
         }
         let keys: Vec<String> = claims.iter().map(|(k, _)| self.topics.dedupe(k)).collect();
+        if self.clustered {
+            return self.claim_dedupe_per_slot(keys, claims, ttl).await;
+        }
         let mut args: Vec<Value> = vec![Value::from(ttl.as_millis() as i64)];
         args.extend(claims.iter().map(|(_, v)| Value::from(v.as_str())));
         let reply: Value = self
             .run(&self.scripts.claim, false, keys, args)
             .await
             .map_err(unavailable)?;
-        Ok(reply
-            .into_array()
-            .into_iter()
-            .map(|v| match v {
-                Value::Integer(_) => DedupeClaim::Claimed,
-                other => DedupeClaim::Existing(other.as_string().unwrap_or_default()),
-            })
-            .collect())
+        Ok(reply.into_array().into_iter().map(dedupe_claim).collect())
     }
 
     async fn complete_batch(&self, batch: BatchEnd) -> BusResult<()> {
+        if self.clustered {
+            return self.complete_batch_per_slot(batch).await;
+        }
         let BatchEnd {
             publish,
             settle_set,
@@ -1037,6 +932,12 @@ impl Bus for RedisBus {
         if set.is_empty() && delete.is_empty() {
             return Ok(());
         }
+        if self.clustered {
+            for reply in eval_pipelined(&self.cmd, self.settle_calls(set, ttl, delete)).await {
+                reply.map_err(unavailable)?;
+            }
+            return Ok(());
+        }
         let mut keys: Vec<String> = set.iter().map(|(k, _)| self.topics.dedupe(k)).collect();
         keys.extend(delete.iter().map(|k| self.topics.dedupe(k)));
         let mut args: Vec<Value> = vec![
@@ -1056,6 +957,23 @@ impl Bus for RedisBus {
             return Ok(());
         }
         let keys: Vec<String> = claims.iter().map(|(k, _)| self.topics.dedupe(k)).collect();
+        if self.clustered {
+            let calls = slots::group_by_slot(keys.iter().map(String::as_str))
+                .into_iter()
+                .map(|group| {
+                    let args = group
+                        .iter()
+                        .map(|i| Value::from(claims[*i].1.as_str()))
+                        .collect();
+                    let keys = group.iter().map(|i| keys[*i].clone()).collect();
+                    (&self.scripts.release_dedupe, keys, args)
+                })
+                .collect();
+            for reply in eval_pipelined(&self.cmd, calls).await {
+                reply.map_err(unavailable)?;
+            }
+            return Ok(());
+        }
         let args: Vec<Value> = claims
             .iter()
             .map(|(_, v)| Value::from(v.as_str()))
@@ -1096,10 +1014,14 @@ impl Bus for RedisBus {
         }
         let pipeline = self.cmd.pipeline();
         for (topic, payload) in messages {
-            let _: () = pipeline
-                .publish(topic, Value::Bytes(payload))
-                .await
-                .map_err(unavailable)?;
+            // Sharded on a cluster: the message goes to the shard of its
+            // topic's slot only, not to every node.
+            let queued: Result<(), _> = if self.clustered {
+                pipeline.spublish(topic, Value::Bytes(payload)).await
+            } else {
+                pipeline.publish(topic, Value::Bytes(payload)).await
+            };
+            queued.map_err(unavailable)?;
         }
         let _: Vec<Value> = pipeline.all().await.map_err(unavailable)?;
         Ok(())
@@ -1109,11 +1031,32 @@ impl Bus for RedisBus {
         if topics.is_empty() {
             return Ok(());
         }
+        if self.clustered {
+            // One `SSUBSCRIBE` may only name channels of one slot.
+            for group in slots::group_by_slot(topics.iter().map(String::as_str)) {
+                let group: Vec<String> = group.iter().map(|i| topics[*i].clone()).collect();
+                self.subscriber
+                    .ssubscribe(group)
+                    .await
+                    .map_err(unavailable)?;
+            }
+            return Ok(());
+        }
         self.subscriber.subscribe(topics).await.map_err(unavailable)
     }
 
     async fn unsubscribe(&self, topics: Vec<String>) -> BusResult<()> {
         if topics.is_empty() {
+            return Ok(());
+        }
+        if self.clustered {
+            for group in slots::group_by_slot(topics.iter().map(String::as_str)) {
+                let group: Vec<String> = group.iter().map(|i| topics[*i].clone()).collect();
+                self.subscriber
+                    .sunsubscribe(group)
+                    .await
+                    .map_err(unavailable)?;
+            }
             return Ok(());
         }
         self.subscriber

@@ -1,0 +1,190 @@
+//! A worker's stream reads on a Redis Cluster.
+//!
+//! On a single Redis one blocking `XREADGROUP` covers every partition a
+//! worker holds. On a cluster the streams live in different slots (that is
+//! the point: they spread over the shards), and one command may only name
+//! keys of one slot. So each held partition gets its own blocking read, on
+//! its own connection (a blocked connection holds up everything queued
+//! behind it), and [`ClusterReads::read`] returns as soon as any of them
+//! answers. Reads still blocked stay in flight and are collected by the next
+//! call: at most one read per partition is ever outstanding, as on a single
+//! Redis, so nothing is read ahead of what the worker asked for.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Duration;
+
+use fred::prelude::*;
+use fred::types::CustomCommand;
+use tokio::sync::{mpsc, Mutex};
+
+use super::slots;
+use crate::bus::{BusError, BusResult, PartitionBatch, Topics};
+
+type ReadResult = (u32, Result<Value, fred::error::Error>);
+
+pub(super) struct ClusterReads {
+    /// A client of the same configuration, cloned for each partition.
+    template: Client,
+    state: Mutex<State>,
+}
+
+struct State {
+    /// One client (connections to every shard) per partition ever read.
+    clients: HashMap<u32, Client>,
+    in_flight: HashSet<u32>,
+    done_tx: mpsc::UnboundedSender<ReadResult>,
+    done_rx: mpsc::UnboundedReceiver<ReadResult>,
+}
+
+impl ClusterReads {
+    pub fn new(template: Client) -> Self {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        Self {
+            template,
+            state: Mutex::new(State {
+                clients: HashMap::new(),
+                in_flight: HashSet::new(),
+                done_tx,
+                done_rx,
+            }),
+        }
+    }
+
+    /// Starts a read on every partition of `partitions` that has none in
+    /// flight, then waits for the first answer (and takes every other one
+    /// already there). Replies are handed to `parse` as they come; a failed
+    /// read is reported only when no read brought entries.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn read(
+        &self,
+        topics: &Topics,
+        group: &str,
+        partitions: &[u32],
+        consumer: &str,
+        max: usize,
+        block: Duration,
+        parse: impl Fn(Value) -> BusResult<Vec<PartitionBatch>>,
+    ) -> BusResult<Vec<PartitionBatch>> {
+        let mut state = self.state.lock().await;
+        let state = &mut *state;
+        for &p in partitions {
+            if state.in_flight.contains(&p) {
+                continue;
+            }
+            let client = match state.clients.get(&p) {
+                Some(c) => c.clone(),
+                None => {
+                    let c = self.template.clone_new();
+                    c.init()
+                        .await
+                        .map_err(|e| BusError::Unavailable(e.to_string()))?;
+                    state.clients.insert(p, c.clone());
+                    c
+                }
+            };
+            state.in_flight.insert(p);
+            let stream = topics.stream(p);
+            let (group, consumer) = (group.to_string(), consumer.to_string());
+            let done = state.done_tx.clone();
+            tokio::spawn(async move {
+                let result = xreadgroup(&client, &stream, &group, &consumer, max, block).await;
+                let _ = done.send((p, result));
+            });
+        }
+        if state.in_flight.is_empty() {
+            tokio::time::sleep(block).await;
+            return Ok(Vec::new());
+        }
+        // Every read answers within `block` (or fails at its timeout).
+        let mut answers = Vec::new();
+        if let Some(first) = state.done_rx.recv().await {
+            answers.push(first);
+        }
+        while let Ok(more) = state.done_rx.try_recv() {
+            answers.push(more);
+        }
+        for (p, _) in &answers {
+            state.in_flight.remove(p);
+        }
+        let mut out = Vec::new();
+        let mut failure = None;
+        for (p, result) in answers {
+            let outcome = match result {
+                Ok(value) => parse(value).map(|batches| out.extend(batches)),
+                Err(e) if e.details().contains("NOGROUP") => {
+                    ensure_group(&self.template, &topics.stream(p), group).await
+                }
+                Err(e) => Err(BusError::Unavailable(e.to_string())),
+            };
+            if let Err(e) = outcome {
+                failure = Some(e);
+            }
+        }
+        match failure {
+            Some(e) if out.is_empty() => Err(e),
+            _ => Ok(out),
+        }
+    }
+}
+
+/// One blocking `XREADGROUP` of one stream.
+pub(super) async fn xreadgroup(
+    client: &Client,
+    stream: &str,
+    group: &str,
+    consumer: &str,
+    max: usize,
+    block: Duration,
+) -> Result<Value, fred::error::Error> {
+    let args: Vec<Value> = vec![
+        "GROUP".into(),
+        group.into(),
+        consumer.into(),
+        "COUNT".into(),
+        (max as i64).into(),
+        "BLOCK".into(),
+        (block.as_millis() as i64).into(),
+        "STREAMS".into(),
+        stream.into(),
+        ">".into(),
+    ];
+    client
+        .with_options(&read_options(block))
+        .custom(
+            CustomCommand::new_static("XREADGROUP", slots::at(stream), true),
+            args,
+        )
+        .await
+}
+
+/// A read in flight when Redis goes away must fail soon, not wait for the
+/// reconnect: the worker's loop has leases to re-take meanwhile.
+pub(super) fn read_options(block: Duration) -> Options {
+    Options {
+        timeout: Some(block + Duration::from_secs(1)),
+        max_attempts: Some(1),
+        fail_fast: true,
+        ..Default::default()
+    }
+}
+
+/// `XGROUP CREATE … MKSTREAM`, a no-op when the group exists.
+pub(super) async fn ensure_group(client: &Client, stream: &str, group: &str) -> BusResult<()> {
+    let res: Result<Value, _> = client
+        .custom(
+            CustomCommand::new_static("XGROUP", slots::at(stream), false),
+            vec![
+                Value::from("CREATE"),
+                Value::from(stream),
+                Value::from(group),
+                Value::from("0"),
+                Value::from("MKSTREAM"),
+            ],
+        )
+        .await;
+    match res {
+        Ok(_) => Ok(()),
+        Err(e) if e.details().contains("BUSYGROUP") => Ok(()),
+        Err(e) => Err(BusError::Unavailable(e.to_string())),
+    }
+}
