@@ -5,8 +5,12 @@
 // serves a JWKS for the gateways to verify hand-minted RS256 tokens against,
 // and offers small helpers around socket.io-client and fetch.
 //
-//   MODE=cluster   (default) N gateways + M workers on PostgreSQL and Redis
-//   MODE=embedded  one gateway process with its in-process bus and SQLite
+//   MODE=cluster        (default) N gateways + M workers on PostgreSQL and Redis
+//   MODE=redis-cluster  the same on a Redis Cluster: REDIS_URL is TEST_REDIS_CLUSTER_URL,
+//                       else the URL of `scripts/redis-cluster url` (start it first:
+//                       scripts/redis-cluster start). The exported MODE stays 'cluster'
+//                       (tests ask MODE === 'cluster'); REDIS_CLUSTER tells the two apart
+//   MODE=embedded       one gateway process with its in-process bus and SQLite
 //   SWITCHBOARD_BIN_DIR  where switchboard-gateway / switchboard-worker live
 //                        (default: ../../target/debug relative to tests/js)
 //
@@ -28,6 +32,8 @@ const HERE = path.dirname(fileURLToPath(import.meta.url));
 const PKG_DIR = path.resolve(HERE, '..');
 
 export const MODE = process.env.MODE === 'embedded' ? 'embedded' : 'cluster';
+/** MODE=redis-cluster: MODE is 'cluster', on a Redis Cluster. */
+export const REDIS_CLUSTER = process.env.MODE === 'redis-cluster';
 export const BIN_DIR = path.resolve(PKG_DIR, process.env.SWITCHBOARD_BIN_DIR || '../../target/debug');
 export const GATEWAY_BIN = path.join(BIN_DIR, 'switchboard-gateway');
 export const WORKER_BIN = path.join(BIN_DIR, 'switchboard-worker');
@@ -38,6 +44,18 @@ const PG_USER = 'postgres';
 const REDIS_HOST = '127.0.0.1';
 const REDIS_PORT = 6379;
 const REDIS_URL = `redis://${REDIS_HOST}:${REDIS_PORT}`;
+const REDIS_CLUSTER_SCRIPT = path.resolve(PKG_DIR, '../../scripts/redis-cluster');
+
+/** The REDIS_URL every deployment gets (unless startCluster is given `redisUrl`). */
+export const REDIS_URL_IN_USE = !REDIS_CLUSTER ? REDIS_URL : (process.env.TEST_REDIS_CLUSTER_URL || defaultRedisClusterUrl());
+
+function defaultRedisClusterUrl() {
+  // The script owns the port layout (REDIS_CLUSTER_BASE_PORT), so ask it.
+  const r = spawnSync(REDIS_CLUSTER_SCRIPT, ['url'], { encoding: 'utf8', timeout: 10_000 });
+  const url = (r.stdout || '').trim().split('\n').pop();
+  if (r.status !== 0 || !url) throw new Error(`MODE=redis-cluster: ${REDIS_CLUSTER_SCRIPT} url failed: ${r.error?.message || r.stderr}`);
+  return url;
+}
 
 /** Issuer and authorized party every gateway is configured with. */
 export const ISSUER = 'https://clerk.test';
@@ -79,17 +97,40 @@ function execFileP(file, args, options = {}) {
   });
 }
 
-/** A port that was free a moment ago on 127.0.0.1. */
-export function freePort() {
+/** Listens on `port` of 127.0.0.1 (0: any) and closes again; resolves with the port. */
+function listenOnce(port) {
   return new Promise((resolve, reject) => {
     const srv = net.createServer();
     srv.unref();
     srv.on('error', reject);
-    srv.listen(0, '127.0.0.1', () => {
-      const { port } = srv.address();
-      srv.close(() => resolve(port));
+    srv.listen(port, '127.0.0.1', () => {
+      const { port: bound } = srv.address();
+      srv.close(() => resolve(bound));
     });
   });
+}
+
+/** A port that was free a moment ago on 127.0.0.1. */
+export function freePort() {
+  return listenOnce(0);
+}
+
+/**
+ * A base port N such that N..N+5 and their cluster bus ports N+10000..N+10005 were free a
+ * moment ago (a random N in 20000-40000, so parallel test files rarely try the same one).
+ */
+export async function freeRedisClusterBasePort() {
+  for (let attempt = 0; attempt < 50; attempt++) {
+    const base = 20_000 + crypto.randomInt(20_000);
+    const ports = [0, 1, 2, 3, 4, 5].flatMap((i) => [base + i, base + i + 10_000]);
+    try {
+      for (const p of ports) await listenOnce(p);
+      return base;
+    } catch {
+      // taken: another base
+    }
+  }
+  throw new Error('no 6 consecutive free ports (and bus ports) found in 20000-50005');
 }
 
 // ---------------------------------------------------------------------------
@@ -106,10 +147,44 @@ async function psql(sql) {
   }
 }
 
-function redisCleanupCommand(prefix) {
+/**
+ * Where a REDIS_URL points: {cluster, nodes: [{host, port}]}. For redis-cluster://
+ * (fred's syntax, `redis-cluster://h:p?node=h2:p2&node=…`) the nodes are the seeds.
+ */
+export function parseRedisUrl(redisUrl) {
+  const u = new URL(redisUrl);
+  const node = (hostPort, dflt) => {
+    const m = /^\[?([^\]]*?)\]?(?::(\d+))?$/.exec(hostPort);
+    return { host: m[1] || REDIS_HOST, port: Number(m[2] || dflt) };
+  };
+  const first = { host: u.hostname.replace(/^\[|\]$/g, '') || REDIS_HOST, port: Number(u.port || 6379) };
+  if (u.protocol === 'redis-cluster:' || u.protocol === 'rediss-cluster:') {
+    return { cluster: true, nodes: [first, ...u.searchParams.getAll('node').map((n) => node(n, 6379))] };
+  }
+  return { cluster: false, nodes: [first] };
+}
+
+function redisCleanupCommand(redisUrl, prefix) {
   // The prefix ends in a fixed-length random id, so `<prefix>*` matches only this run's keys.
-  const cli = `redis-cli -h ${REDIS_HOST} -p ${REDIS_PORT}`;
-  return `${cli} --scan --pattern '${prefix}*' | xargs -r -n 500 ${cli} del > /dev/null`;
+  const target = parseRedisUrl(redisUrl);
+  if (!target.cluster) {
+    const cli = `redis-cli -h ${target.nodes[0].host} -p ${target.nodes[0].port}`;
+    return `${cli} --scan --pattern '${prefix}*' | xargs -r -n 500 ${cli} del > /dev/null`;
+  }
+  // On a cluster, SCAN sees one node's keys and a multi-key DEL/UNLINK across slots is
+  // CROSSSLOT: every master is scanned and its keys are unlinked one per command on that
+  // same node (quoted for redis-cli's line parser). The masters come from the first seed
+  // that answers, so a seed killed by a failover test does not stop the cleanup.
+  const seeds = target.nodes.map(({ host, port }) => `redis-cli -h ${host} -p ${port} cluster nodes 2>/dev/null`).join(' || ');
+  return [
+    `nodes=$(${seeds}) || { echo 'no seed node of ${redisUrl} answers' >&2; exit 1; }`,
+    `masters=$(printf '%s\\n' "$nodes" | awk '$3 ~ /master/ && $3 !~ /fail/ { split($2, a, "@"); print a[1] }')`,
+    `[ -n "$masters" ] || { echo 'no live master in CLUSTER NODES of ${redisUrl}' >&2; exit 1; }`,
+    `for hp in $masters; do`,
+    `  h=\${hp%:*}; p=\${hp##*:}`,
+    `  redis-cli -h "$h" -p "$p" --scan --pattern '${prefix}*' | sed -e 's/[\\\\"]/\\\\&/g' -e 's/^/UNLINK "/' -e 's/$/"/' | redis-cli -h "$h" -p "$p" > /dev/null || exit 1`,
+    `done`,
+  ].join('\n');
 }
 
 // ---------------------------------------------------------------------------
@@ -401,6 +476,8 @@ async function waitReady(proc, url) {
 
 /** Clusters that are running, cleaned up synchronously if the process exits early. */
 const running = new Set();
+/** Private Redis Clusters of startRedisCluster, stopped synchronously if the process exits early. */
+const runningRedisClusters = new Set();
 
 /**
  * Starts a fresh deployment.
@@ -409,11 +486,13 @@ const running = new Set();
  * migrate`), a new Redis prefix `sbtest:<rand>`, `gateways` gateway nodes and
  * `workers` workers. embedded mode: one gateway on a fresh DATA_DIR, no workers.
  * `env` is added to every process (after the harness's own variables).
+ * `redisUrl` replaces REDIS_URL_IN_USE for this deployment (e.g. the URL of a private
+ * Redis Cluster from startRedisCluster); its keys are cleaned up there.
  */
-export async function startCluster({ gateways = 2, workers = 2, env = {} } = {}) {
+export async function startCluster({ gateways = 2, workers = 2, env = {}, redisUrl } = {}) {
   await auth.start();
   const id = randomHex(6);
-  const cluster = new Cluster(id);
+  const cluster = new Cluster(id, redisUrl);
   running.add(cluster);
   try {
     await cluster.start({ gateways, workers, env });
@@ -425,9 +504,10 @@ export async function startCluster({ gateways = 2, workers = 2, env = {} } = {})
 }
 
 class Cluster {
-  constructor(id) {
+  constructor(id, redisUrl) {
     this.id = id;
     this.mode = MODE;
+    this.redisUrl = MODE === 'cluster' ? (redisUrl || REDIS_URL_IN_USE) : null;
     this.db = MODE === 'cluster' ? `sbtest_${id}` : null;
     this.prefix = MODE === 'cluster' ? `sbtest:${id}` : null;
     this.databaseUrl = this.db ? `postgres://${PG_USER}@${PG_HOST}:${PG_PORT}/${this.db}` : null;
@@ -437,6 +517,7 @@ class Cluster {
     this.urls = [];
     this.stopped = false;
     this.dbCreated = false;
+    this.redisUsed = false;
     this.extraEnv = {};
   }
 
@@ -445,7 +526,7 @@ class Cluster {
     const env = baseEnv();
     if (this.mode === 'cluster') {
       Object.assign(env, {
-        REDIS_URL,
+        REDIS_URL: this.redisUrl,
         DATABASE_URL: this.databaseUrl,
         REDIS_PREFIX: this.prefix,
         STREAM_PARTITIONS: '4',
@@ -460,6 +541,9 @@ class Cluster {
   async start({ gateways, workers, env }) {
     this.extraEnv = Object.fromEntries(Object.entries(env).map(([k, v]) => [k, String(v)]));
     if (this.mode === 'cluster') {
+      if (parseRedisUrl(this.redisUrl).cluster) await checkRedisCluster(this.redisUrl);
+      // From here on keys may be written (and a Redis that was never reached is not cleaned).
+      this.redisUsed = true;
       await psql(`CREATE DATABASE ${this.db}`);
       this.dbCreated = true;
       await this.migrate();
@@ -562,7 +646,8 @@ class Cluster {
   }
 
   printLogs(lines = 60) {
-    process.stderr.write(`\n===== switchboard process output (cluster ${this.id}, ${this.mode}) =====\n${this.logReport(lines)}\n`);
+    const on = this.redisUrl ? `, ${this.redisUrl}` : '';
+    process.stderr.write(`\n===== switchboard process output (cluster ${this.id}, ${this.mode}${on}) =====\n${this.logReport(lines)}\n`);
   }
 
   /**
@@ -595,8 +680,8 @@ class Cluster {
       await psql(`DROP DATABASE IF EXISTS ${this.db} WITH (FORCE)`).catch((e) => errors.push(e.message));
       this.dbCreated = false;
     }
-    if (this.prefix) {
-      await execFileP('sh', ['-c', redisCleanupCommand(this.prefix)], { timeout: 30_000 }).catch((e) => errors.push(`redis cleanup: ${e.stderr || e.message}`));
+    if (this.prefix && this.redisUsed) {
+      await execFileP('bash', ['-c', redisCleanupCommand(this.redisUrl, this.prefix)], { timeout: 30_000 }).catch((e) => errors.push(`redis cleanup: ${e.stderr || e.message}`));
     }
     if (this.dataDir) fs.rmSync(this.dataDir, { recursive: true, force: true });
     if (errors.length) process.stderr.write(`warning: cleanup of cluster ${this.id}: ${errors.join('; ')}\n`);
@@ -606,7 +691,7 @@ class Cluster {
   cleanupSync() {
     for (const p of this.processes) if (p.alive) p.child.kill('SIGKILL');
     if (this.dbCreated) spawnSync('psql', [...PSQL_ARGS, `DROP DATABASE IF EXISTS ${this.db} WITH (FORCE)`], { timeout: 10_000 });
-    if (this.prefix) spawnSync('sh', ['-c', redisCleanupCommand(this.prefix)], { timeout: 10_000 });
+    if (this.prefix && this.redisUsed) spawnSync('bash', ['-c', redisCleanupCommand(this.redisUrl, this.prefix)], { timeout: 10_000 });
     if (this.dataDir) fs.rmSync(this.dataDir, { recursive: true, force: true });
   }
 }
@@ -614,6 +699,9 @@ class Cluster {
 function cleanupAllSync() {
   for (const c of running) c.cleanupSync();
   running.clear();
+  // After the deployments: their key cleanup needs the Redis Cluster still up.
+  for (const rc of runningRedisClusters) rc.stopSync();
+  runningRedisClusters.clear();
 }
 process.on('exit', cleanupAllSync);
 for (const sig of ['SIGINT', 'SIGTERM']) {
@@ -621,6 +709,146 @@ for (const sig of ['SIGINT', 'SIGTERM']) {
     cleanupAllSync();
     process.exit(130);
   });
+}
+
+// ---------------------------------------------------------------------------
+// Redis Cluster (MODE=redis-cluster; scripts/redis-cluster does the work)
+// ---------------------------------------------------------------------------
+
+/** Fails fast, with the way out, when the Redis Cluster at `redisUrl` is down or not ok. */
+async function checkRedisCluster(redisUrl) {
+  let last = 'no seed node answers';
+  for (const { host, port } of parseRedisUrl(redisUrl).nodes) {
+    try {
+      const { stdout } = await execFileP('redis-cli', ['-h', host, '-p', String(port), 'cluster', 'info'], { timeout: 5000 });
+      if (/^cluster_state:ok/m.test(stdout)) return;
+      last = `${host}:${port} says ${(/^cluster_state:\w+/m.exec(stdout) || [stdout.trim()])[0]}`;
+    } catch (e) {
+      last = `${host}:${port}: ${(e.stdout || e.stderr || e.message).trim()}`;
+    }
+  }
+  throw new Error(`the Redis Cluster ${redisUrl} is not usable (${last}); start it with scripts/redis-cluster start`);
+}
+
+/**
+ * Starts a private Redis Cluster (3 masters + 3 replicas) with `scripts/redis-cluster start`
+ * on `basePort` (default: a free one, see freeRedisClusterBasePort) and a fresh directory,
+ * for a test that kills its nodes without disturbing the shared one. Resolves with
+ *   {url, basePort, ports, dir,
+ *    killMasterOf(key) -> port of the SIGKILLed master owning key's slot,
+ *    restart(port)     the killed node again, back as a replica (waits for the failover first),
+ *    clusterOk()       true when every node that answers says cluster_state:ok and every slot's
+ *                      master answers (the failover is over),
+ *    stop()}
+ * It is stopped at process exit at the latest; stopRedisCluster(rc) is rc.stop().
+ */
+export async function startRedisCluster({ basePort } = {}) {
+  let lastError;
+  // A random base can be taken between the check and redis-server's bind: retry elsewhere.
+  for (let attempt = 0; attempt < 3; attempt++) {
+    const base = basePort ?? (await freeRedisClusterBasePort());
+    const rc = new RedisCluster(base, fs.mkdtempSync(path.join(os.tmpdir(), 'sbtest-redis-cluster-')));
+    runningRedisClusters.add(rc);
+    try {
+      await rc.start();
+      return rc;
+    } catch (e) {
+      lastError = e;
+      await rc.stop().catch(() => {});
+      if (basePort !== undefined || !/taken|address already in use|only \d of 6/i.test(e.message)) break;
+    }
+  }
+  throw lastError;
+}
+
+/** Stops a Redis Cluster of startRedisCluster (its processes and directory). */
+export function stopRedisCluster(rc) {
+  return rc.stop();
+}
+
+class RedisCluster {
+  constructor(basePort, dir) {
+    this.basePort = basePort;
+    this.dir = dir;
+    this.ports = [0, 1, 2, 3, 4, 5].map((i) => basePort + i);
+    this.url = null;
+    this.stopped = false;
+  }
+
+  args(...rest) {
+    return [...rest, '--base-port', String(this.basePort), '--dir', this.dir];
+  }
+
+  async script(...args) {
+    try {
+      return (await execFileP(REDIS_CLUSTER_SCRIPT, this.args(...args), { timeout: 90_000 })).stdout.trim();
+    } catch (e) {
+      throw new Error(`scripts/redis-cluster ${args.join(' ')} (base port ${this.basePort}) failed: ${(e.stderr || '').trim() || e.message}`);
+    }
+  }
+
+  async start() {
+    this.url = (await this.script('start')).split('\n').pop();
+    return this;
+  }
+
+  /** SIGKILLs the master that owns `key`'s slot; resolves with its port. */
+  async killMasterOf(key) {
+    return Number((await this.script('kill-master-of', key)).split('\n').pop());
+  }
+
+  /** Starts a killed node again with its own config; resolves once it is back (as a replica). */
+  async restart(port) {
+    await this.script('restart', String(port));
+  }
+
+  /** `redis-cli -p <port> ...args` on one node; resolves with stdout, or null if the node does not answer. */
+  async cli(port, ...args) {
+    try {
+      return (await execFileP('redis-cli', ['-h', REDIS_HOST, '-p', String(port), ...args], { timeout: 2000 })).stdout;
+    } catch {
+      return null;
+    }
+  }
+
+  /**
+   * True when the cluster serves every slot: each node that answers reports cluster_state:ok
+   * and 16384 slots ok, and each master that holds slots answers. (Right after a kill the
+   * others still call the dead master healthy for up to the node timeout, so cluster_state
+   * alone would say ok before the failover.)
+   */
+  async clusterOk() {
+    let nodes = null;
+    for (const port of this.ports) {
+      const info = await this.cli(port, 'cluster', 'info');
+      if (info === null) continue; // a killed node
+      if (!/^cluster_state:ok/m.test(info) || !/^cluster_slots_ok:16384/m.test(info)) return false;
+      nodes ??= await this.cli(port, 'cluster', 'nodes');
+    }
+    if (!nodes) return false;
+    const owners = nodes.split('\n').map((l) => l.split(' ')).filter((f) => /master/.test(f[2] || '') && f.length >= 9);
+    for (const f of owners) {
+      if (/fail/.test(f[2])) return false;
+      const port = f[1].split('@')[0].split(':').pop();
+      if (!/PONG/.test((await this.cli(port, 'ping')) || '')) return false;
+    }
+    return owners.length > 0;
+  }
+
+  async stop() {
+    if (this.stopped) return;
+    this.stopped = true;
+    runningRedisClusters.delete(this);
+    await this.script('stop');
+    fs.rmSync(this.dir, { recursive: true, force: true });
+  }
+
+  stopSync() {
+    if (this.stopped) return;
+    this.stopped = true;
+    spawnSync(REDIS_CLUSTER_SCRIPT, this.args('stop'), { timeout: 15_000 });
+    fs.rmSync(this.dir, { recursive: true, force: true });
+  }
 }
 
 /**
@@ -674,6 +902,15 @@ export function useCluster(options = {}) {
 export function needsCluster(t) {
   if (MODE === 'embedded') {
     t.skip('needs a cluster');
+    return true;
+  }
+  return false;
+}
+
+/** For tests of Redis Cluster behaviour: skips them unless MODE=redis-cluster. Returns true if skipped. */
+export function needsRedisCluster(t) {
+  if (!REDIS_CLUSTER) {
+    t.skip('needs MODE=redis-cluster');
     return true;
   }
   return false;
