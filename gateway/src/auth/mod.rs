@@ -6,6 +6,7 @@
 //! the precise reason only goes to the logs and metrics, so a prober learns
 //! nothing from it.
 
+pub mod crypto;
 pub mod jwks;
 
 use std::collections::HashMap;
@@ -139,6 +140,11 @@ pub struct Verifier {
 
 impl Verifier {
     pub fn from_settings(s: &Settings) -> anyhow::Result<Self> {
+        if !crypto::install() {
+            tracing::warn!(
+                "a JWT was handled before the RSA backend was chosen: RSA stays on RustCrypto"
+            );
+        }
         let pem_text = match (&s.auth_public_key, &s.auth_public_key_file) {
             (Some(k), _) => Some(k.replace("\\n", "\n")),
             (None, Some(path)) => Some(std::fs::read_to_string(path).map_err(|e| {
