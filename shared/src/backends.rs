@@ -36,6 +36,9 @@ impl Backends {
                     .await
                     .map_err(|e| anyhow::anyhow!("cannot connect to the database: {e}"))?;
                 let presence = RedisPresence::new(bus.command_client(), &settings.redis_prefix);
+                if let Err(e) = presence.preload().await {
+                    tracing::warn!(error = %e, "could not preload the presence scripts");
+                }
                 Ok(Self {
                     bus: Arc::new(bus),
                     presence: Arc::new(presence),

@@ -125,6 +125,16 @@ impl RedisPresence {
         }
     }
 
+    /// `SCRIPT LOAD`s the scripts (on every primary of a cluster) before the
+    /// first handshake: otherwise a burst of connections meets `NOSCRIPT`
+    /// at once and each of them loads the script again.
+    pub async fn preload(&self) -> Result<(), fred::error::Error> {
+        for script in [&self.claim, &self.refresh, &self.release, &self.sweep] {
+            script.load(&self.client).await?;
+        }
+        Ok(())
+    }
+
     fn tag(bucket: u32) -> String {
         format!("{{pr{bucket}}}")
     }

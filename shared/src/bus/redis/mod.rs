@@ -109,6 +109,14 @@ impl RedisBus {
         spawn_resubscriber(&subscriber, gaps.clone(), clustered);
         let cluster_reads = clustered.then(|| ClusterReads::new(reader.clone()));
 
+        let scripts = Scripts::new();
+        // Loaded on every primary now rather than on first use: otherwise the
+        // first burst of traffic (a thousand sockets' first sends) meets
+        // `NOSCRIPT` everywhere at once and every call loads the script again.
+        // Best effort: a script unknown later is still loaded on demand.
+        if let Err(e) = scripts.load_all(&cmd).await {
+            tracing::warn!(error = %e, "could not preload the Lua scripts");
+        }
         Ok(Self {
             topics: Topics::new(prefix),
             max_len,
@@ -119,7 +127,7 @@ impl RedisBus {
             subscriber,
             incoming,
             gaps,
-            scripts: Scripts::new(),
+            scripts,
             fail_fast: fail_fast_options(),
         })
     }

@@ -207,4 +207,25 @@ impl Scripts {
             count: Script::from_lua(COUNT_LUA),
         }
     }
+
+    /// `SCRIPT LOAD`s every script (on every primary of a cluster).
+    pub async fn load_all(&self, client: &fred::clients::Client) -> fred::prelude::FredResult<()> {
+        for script in [
+            &self.append,
+            &self.token,
+            &self.ack,
+            &self.acquire,
+            &self.renew,
+            &self.release,
+            &self.heartbeat,
+            &self.claim,
+            &self.settle,
+            &self.release_dedupe,
+            &self.complete,
+            &self.count,
+        ] {
+            script.load(client).await?;
+        }
+        Ok(())
+    }
 }
