@@ -22,15 +22,8 @@ CLUSTER_BASE=7300
 LOAD=(chat --targets http://127.0.0.1:3002,http://127.0.0.1:3003 --secret benchsecret
   --connections 1000 --channels 100 --rate "$RATE" --duration "$DUR" --warmup 2 --drain 3)
 
-ticks() { # pids... -> "pid ticks" lines
-  for p in "$@"; do
-    [ -r "/proc/$p/stat" ] && awk -v p="$p" '{ sub(/.*\) /, ""); split($0, f, " "); print p, f[12] + f[13] }' "/proc/$p/stat"
-  done
-}
-cpu_diff() { # before-file after-file -> seconds (a pid born during the run counts from 0)
-  awk 'NR == FNR { a[$1] = $2; next } { s += $2 - ($1 in a ? a[$1] : 0) } END { printf "%.2f", s / 100 }' "$1" "$2"
-}
-pg_pids() { psql -qAt postgres://postgres@127.0.0.1:5432/postgres -c "select pid from pg_stat_activity where datname='$1'"; }
+# shellcheck source=lib.sh
+. "$root/loadtest/lib.sh"
 master_ports() { # ports... -> those that are masters
   for p in "$@"; do [ "$(redis-cli -p "$p" role 2>/dev/null | head -1)" = master ] && echo "$p"; done
 }

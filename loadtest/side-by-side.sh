@@ -36,15 +36,8 @@ redis-cli -p "$R" ping >/dev/null 2>&1 || {
 }
 rpid=$(redis-cli -p "$R" info server | awk -F: '/^process_id/ {print $2}' | tr -d '\r')
 
-ticks() { # pids... -> "pid ticks" lines
-  for p in "$@"; do
-    [ -r "/proc/$p/stat" ] && awk -v p="$p" '{ sub(/.*\) /, ""); split($0, f, " "); print p, f[12] + f[13] }' "/proc/$p/stat"
-  done
-}
-cpu_diff() { # before-file after-file -> seconds (a pid born during the run counts from 0)
-  awk 'NR == FNR { a[$1] = $2; next } { s += $2 - ($1 in a ? a[$1] : 0) } END { printf "%.2f", s / 100 }' "$1" "$2"
-}
-pg_pids() { psql -qAt postgres://postgres@127.0.0.1:5432/postgres -c "select pid from pg_stat_activity where datname='$1'"; }
+# shellcheck source=lib.sh
+. "$root/loadtest/lib.sh"
 
 run_load() { # name targets server-pids(comma) db
   local name=$1 targets=$2 spids=$3 db=$4

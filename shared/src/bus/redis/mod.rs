@@ -218,27 +218,13 @@ impl RedisBus {
         max: usize,
         block: Duration,
     ) -> Result<Value, fred::error::Error> {
-        let mut args: Vec<Value> = vec![
-            "GROUP".into(),
-            GROUP.into(),
-            consumer.into(),
-            "COUNT".into(),
-            (max as i64).into(),
-            "BLOCK".into(),
-            (block.as_millis() as i64).into(),
-            "STREAMS".into(),
-        ];
-        for p in partitions {
-            args.push(self.topics.stream(*p).into());
-        }
-        for _ in partitions {
-            args.push(">".into());
-        }
-        let first = partitions.first().map(|p| self.topics.stream(*p));
+        let streams: Vec<String> = partitions.iter().map(|p| self.topics.stream(*p)).collect();
+        let args = reads::xreadgroup_args(GROUP, consumer, max, block, &streams);
+        let first = streams.first();
         self.reader
             .with_options(&reads::read_options(block))
             .custom(
-                CustomCommand::new_static("XREADGROUP", first.as_deref().map(slots::slot), true),
+                CustomCommand::new_static("XREADGROUP", first.map(|s| slots::slot(s)), true),
                 args,
             )
             .await
@@ -1041,8 +1027,7 @@ impl Bus for RedisBus {
         }
         if self.clustered {
             // One `SSUBSCRIBE` may only name channels of one slot.
-            for group in slots::group_by_slot(topics.iter().map(String::as_str)) {
-                let group: Vec<String> = group.iter().map(|i| topics[*i].clone()).collect();
+            for group in slots::split_by_slot(&topics) {
                 self.subscriber
                     .ssubscribe(group)
                     .await
@@ -1058,8 +1043,7 @@ impl Bus for RedisBus {
             return Ok(());
         }
         if self.clustered {
-            for group in slots::group_by_slot(topics.iter().map(String::as_str)) {
-                let group: Vec<String> = group.iter().map(|i| topics[*i].clone()).collect();
+            for group in slots::split_by_slot(&topics) {
                 self.subscriber
                     .sunsubscribe(group)
                     .await

@@ -136,7 +136,25 @@ pub(super) async fn xreadgroup(
     max: usize,
     block: Duration,
 ) -> Result<Value, fred::error::Error> {
-    let args: Vec<Value> = vec![
+    let args = xreadgroup_args(group, consumer, max, block, &[stream.to_string()]);
+    client
+        .with_options(&read_options(block))
+        .custom(
+            CustomCommand::new_static("XREADGROUP", slots::at(stream), true),
+            args,
+        )
+        .await
+}
+
+/// The arguments of `XREADGROUP GROUP … BLOCK … STREAMS <streams> > …`.
+pub(super) fn xreadgroup_args(
+    group: &str,
+    consumer: &str,
+    max: usize,
+    block: Duration,
+    streams: &[String],
+) -> Vec<Value> {
+    let mut args: Vec<Value> = vec![
         "GROUP".into(),
         group.into(),
         consumer.into(),
@@ -145,16 +163,10 @@ pub(super) async fn xreadgroup(
         "BLOCK".into(),
         (block.as_millis() as i64).into(),
         "STREAMS".into(),
-        stream.into(),
-        ">".into(),
     ];
-    client
-        .with_options(&read_options(block))
-        .custom(
-            CustomCommand::new_static("XREADGROUP", slots::at(stream), true),
-            args,
-        )
-        .await
+    args.extend(streams.iter().map(|s| Value::from(s.as_str())));
+    args.extend(streams.iter().map(|_| Value::from(">")));
+    args
 }
 
 /// A read in flight when Redis goes away must fail soon, not wait for the

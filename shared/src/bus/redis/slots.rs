@@ -32,6 +32,14 @@ pub(super) fn group_by_slot<'a>(keys: impl IntoIterator<Item = &'a str>) -> Vec<
     groups.into_iter().map(|(_, members)| members).collect()
 }
 
+/// `keys` split into groups of one slot each (see [`group_by_slot`]).
+pub(super) fn split_by_slot(keys: &[String]) -> Vec<Vec<String>> {
+    group_by_slot(keys.iter().map(String::as_str))
+        .into_iter()
+        .map(|group| group.into_iter().map(|i| keys[i].clone()).collect())
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
