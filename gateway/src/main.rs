@@ -53,12 +53,29 @@ enum Cmd {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let settings = Settings::from_env()?;
+    runtime(settings.gateway_threads)?.block_on(run(cli, settings))
+}
+
+/// The async runtime of `GATEWAY_THREADS` threads (see `Settings::gateway_threads`).
+fn runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    let mut builder = if threads == 1 {
+        tokio::runtime::Builder::new_current_thread()
+    } else {
+        let mut b = tokio::runtime::Builder::new_multi_thread();
+        if threads > 1 {
+            b.worker_threads(threads);
+        }
+        b
+    };
+    builder.enable_all().build()
+}
+
+async fn run(cli: Cli, settings: Settings) -> anyhow::Result<()> {
     match cli.command.unwrap_or(Cmd::Serve) {
         Cmd::DevToken { user, name, ttl } => {
-            let settings = Settings::from_env()?;
             let secret = settings
                 .auth_dev_secret
                 .ok_or_else(|| anyhow::anyhow!("AUTH_DEV_SECRET is not set"))?;
@@ -70,7 +87,6 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::Serve => {
             switchboard_shared::telemetry::init_tracing("switchboard-gateway");
-            let settings = Settings::from_env()?;
             let served = server::serve(settings).await;
             switchboard_shared::telemetry::shutdown_tracing();
             served
