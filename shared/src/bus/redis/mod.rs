@@ -149,59 +149,45 @@ impl RedisBus {
     }
 
     /// Appends `entries` in one pipeline of `APPEND_LUA` calls, each with the
-    /// bucket of `limit` when given; reloads the script once on `NOSCRIPT`.
+    /// bucket of `limit` when given.
     async fn append_pipelined(
         &self,
         entries: Vec<(u32, Bytes)>,
         limit: Option<&RateLimit>,
     ) -> Vec<BusResult<String>> {
-        let run = |entries: Vec<(u32, Bytes)>| async move {
-            let pipeline = self.cmd.pipeline();
-            for (partition, payload) in entries {
+        let calls = entries
+            .into_iter()
+            .map(|(partition, payload)| {
                 let stream = self.topics.stream(partition);
-                let evalsha = CustomCommand::new_static("EVALSHA", slots::at(&stream), false);
-                let mut args = vec![Value::from(self.scripts.append.sha1().clone())];
-                match limit {
-                    Some(l) => {
-                        let bucket = self.bucket_key(l, &stream);
-                        args.extend([Value::from(2i64), Value::from(stream), Value::from(bucket)]);
-                    }
-                    None => args.extend([Value::from(1i64), Value::from(stream)]),
-                }
-                args.extend([Value::from(self.max_len as i64), Value::Bytes(payload)]);
+                let mut keys = vec![stream];
+                let mut args = vec![Value::from(self.max_len as i64), Value::Bytes(payload)];
                 if let Some(l) = limit {
+                    keys.push(self.bucket_key(l, &keys[0]));
                     args.extend([
                         Value::from(l.per_s.to_string()),
                         Value::from(l.burst.to_string()),
                         Value::from(l.idle_ttl_ms() as i64),
                     ]);
                 }
-                let _: Result<(), _> = pipeline.custom(evalsha, args).await;
-            }
-            pipeline.try_all::<Option<String>>().await
-        };
-        let mut results = run(entries.clone()).await;
-        if results
-            .iter()
-            .any(|r| matches!(r, Err(e) if e.details().contains("NOSCRIPT")))
-        {
-            // Redis restarted and forgot the script: load it and run again
-            // (the entries were refused, not appended).
-            if let Err(e) = self.scripts.append.load(&self.cmd).await {
-                return entries.iter().map(|_| Err(unavailable(&e))).collect();
-            }
-            results = run(entries).await;
-        }
-        results
+                (&self.scripts.append, keys, args)
+            })
+            .collect();
+        // A call refused with NOSCRIPT appended nothing, so running it again
+        // (what `eval_pipelined` does) cannot duplicate an entry.
+        eval_pipelined(&self.cmd, calls)
+            .await
             .into_iter()
             .map(|r| match r {
-                Ok(Some(reply)) => match reply.strip_prefix("rl:") {
-                    Some(ms) => Err(BusError::RateLimited {
-                        retry_after_ms: ms.parse().unwrap_or(1000),
-                    }),
-                    None => Ok(reply),
-                },
-                Ok(None) => Err(BusError::Full),
+                Ok(Value::Null) => Err(BusError::Full),
+                Ok(v) => {
+                    let reply = v.as_string().unwrap_or_default();
+                    match reply.strip_prefix("rl:") {
+                        Some(ms) => Err(BusError::RateLimited {
+                            retry_after_ms: ms.parse().unwrap_or(1000),
+                        }),
+                        None => Ok(reply),
+                    }
+                }
                 Err(e) => Err(unavailable(e)),
             })
             .collect()
