@@ -5,6 +5,7 @@ mod auth;
 mod client_addr;
 mod demo;
 mod embedded;
+mod engine_request;
 mod fanout;
 mod pending;
 mod presence;

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderValue, Method, Request, Uri};
+use axum::http::{HeaderValue, Method};
 use socketioxide::SocketIo;
 use switchboard_shared::backends::Backends;
 use switchboard_shared::config::Settings;
@@ -17,26 +17,6 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::auth::Verifier;
 use crate::state::{App, AppState, NAMESPACES};
 use crate::{fanout, rest, socket};
-
-/// The seed's URL read as an Engine.IO path (`/api/socket.io/`) is served by
-/// the same Socket.IO server as the default path (`/socket.io/`), so both
-/// readings share sockets, rooms and fan-out: requests are rewritten.
-fn rewrite_engine_path<B>(mut req: Request<B>) -> Request<B> {
-    let path = req.uri().path();
-    if let Some(rest) = path.strip_prefix("/api/socket.io") {
-        if rest.is_empty() || rest.starts_with('/') {
-            let mut new = format!("/socket.io{}", if rest.is_empty() { "/" } else { rest });
-            if let Some(q) = req.uri().query() {
-                new.push('?');
-                new.push_str(q);
-            }
-            if let Ok(uri) = new.parse::<Uri>() {
-                *req.uri_mut() = uri;
-            }
-        }
-    }
-    req
-}
 
 fn cors(settings: &Settings) -> Option<CorsLayer> {
     let origins: Vec<HeaderValue> = settings
@@ -155,9 +135,9 @@ pub async fn serve(mut settings: Settings) -> anyhow::Result<()> {
     if settings.auth_dev_secret.is_some() {
         router = router.merge(crate::demo::router(app.clone()));
     }
-    let mut router = router
-        .layer(layer)
-        .layer(tower::util::MapRequestLayer::new(rewrite_engine_path));
+    let mut router = router.layer(layer).layer(tower::util::MapRequestLayer::new(
+        crate::engine_request::prepare,
+    ));
     if let Some(cors) = cors(&settings) {
         router = router.layer(cors);
     }

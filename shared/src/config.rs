@@ -173,6 +173,10 @@ fn default_gateway_threads() -> usize {
     1
 }
 
+fn default_linger_ms() -> u64 {
+    5
+}
+
 fn default_block_ms() -> u64 {
     // Also bounds how long an idle worker takes to notice released partitions.
     250
@@ -386,6 +390,16 @@ pub struct Settings {
     /// How long a worker's read blocks waiting for entries.
     #[serde(default = "default_block_ms")]
     pub worker_block_ms: u64,
+    /// After a batch smaller than `worker_batch_size`, how long a worker
+    /// waits before its next read, so that entries arriving meanwhile are
+    /// read, stored and published together. Every batch pays a read, a
+    /// dedupe call, one insert and one publish whatever its size: at
+    /// moderate rates batches of one make those per-message costs. The
+    /// first entry after an idle period is not delayed (the blocking read
+    /// returns it at once); an entry arriving during the wait is delayed by
+    /// at most this long. 0 reads again at once.
+    #[serde(default = "default_linger_ms")]
+    pub worker_linger_ms: u64,
     /// Lease time of a partition; renewed at a third of it.
     #[serde(default = "default_lease_ttl")]
     pub lease_ttl_ms: u64,

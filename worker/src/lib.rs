@@ -75,6 +75,7 @@ impl Worker {
         let partitions = settings.stream_partitions;
         let batch = settings.worker_batch_size;
         let block = Duration::from_millis(settings.worker_block_ms);
+        let linger = Duration::from_millis(settings.worker_linger_ms);
         tracing::info!(worker = %self.id, partitions, "worker started");
 
         let keeper_cancel = CancellationToken::new();
@@ -109,8 +110,18 @@ impl Worker {
                     b.entries.into_iter().map(move |e| (p, e))
                 })
                 .collect();
-            if !entries.is_empty() {
-                self.process_with_retry(entries, &mut seqs, &cancel).await;
+            if entries.is_empty() {
+                continue;
+            }
+            let full = entries.len() >= batch;
+            self.process_with_retry(entries, &mut seqs, &cancel).await;
+            // A small batch: let the next one grow (WORKER_LINGER_MS). A
+            // full one means a backlog, which is read at once.
+            if !full && !linger.is_zero() {
+                tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    _ = tokio::time::sleep(linger) => {}
+                }
             }
         }
 

@@ -28,7 +28,7 @@ pub struct Inbound {
 
 /// The sending side of a socket's inbox, kept in the socket's extensions.
 #[derive(Clone)]
-pub struct InboxTx(pub mpsc::Sender<Inbound>);
+pub struct InboxTx(pub mpsc::Sender<Box<Inbound>>);
 
 /// Extractor whose only job is to enqueue the event, synchronously.
 pub struct Enqueue;
@@ -52,14 +52,14 @@ impl FromMessageParts<LocalAdapter> for Enqueue {
         };
         metrics::counter!("gateway_events_received_total", "event" => event_label(&event))
             .increment(1);
-        let inbound = Inbound {
+        let inbound = Box::new(Inbound {
             event,
             data: data.ok(),
             ack,
-        };
+        });
         if let Err(mpsc::error::TrySendError::Full(inbound)) = tx.try_send(inbound) {
             metrics::counter!("gateway_inbox_full_total").increment(1);
-            refuse_full(s, inbound);
+            refuse_full(s, *inbound);
         }
         Ok(Enqueue)
     }

@@ -71,11 +71,26 @@ impl Store {
             DatabaseBackend::Postgres => vec![user_id.into(), max.into()],
             _ => vec![user_id.into(), max.into(), max.into()],
         };
-        let sql = format!(
-            "SELECT cm.channel_id, cm.user_id FROM channel_members cm \
-             WHERE cm.channel_id IN ({})",
-            small_channels_sql(backend)
-        );
+        // On PostgreSQL a LATERAL join reads each small channel's members
+        // from the primary key: with `IN (…)` (or a plain join) the planner
+        // preferred a hash join over a sequential scan of the whole
+        // membership table, once per handshake (1.5 ms at 10,000
+        // memberships, growing with them; 0.17 ms this way). `OFFSET 0`
+        // keeps the planner from flattening the LATERAL subquery back into
+        // that join. SQLite already answers the `IN` form from the index.
+        let sql = match backend {
+            DatabaseBackend::Postgres => format!(
+                "SELECT s.channel_id, cm.user_id FROM ({}) AS s \
+                 CROSS JOIN LATERAL (SELECT c.user_id FROM channel_members c \
+                   WHERE c.channel_id = s.channel_id OFFSET 0) AS cm",
+                small_channels_sql(backend)
+            ),
+            _ => format!(
+                "SELECT cm.channel_id, cm.user_id FROM channel_members cm \
+                 WHERE cm.channel_id IN ({})",
+                small_channels_sql(backend)
+            ),
+        };
         let rows = Row::find_by_statement(Statement::from_sql_and_values(backend, sql, values))
             .all(&self.db)
             .await?;
