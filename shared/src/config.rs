@@ -67,6 +67,11 @@ fn default_ping_timeout() -> u64 {
 fn default_connect_timeout() -> u64 {
     10_000
 }
+fn default_ws_read_buffer() -> usize {
+    // A chat frame (a message of a few hundred characters and its JSON)
+    // fits; tungstenite's own default through engineioxide is 4 KB.
+    2048
+}
 fn default_max_payload() -> u64 {
     1_000_000
 }
@@ -313,6 +318,12 @@ pub struct Settings {
     /// Largest Socket.IO frame (socket.io's `maxHttpBufferSize`).
     #[serde(default = "default_max_payload")]
     pub max_payload_bytes: u64,
+    /// Bytes a websocket connection reads from its socket at a time. Every
+    /// connection holds this buffer for its whole life, idle or not; a
+    /// larger frame is read in several steps (one more `read` per step),
+    /// not refused.
+    #[serde(default = "default_ws_read_buffer")]
+    pub ws_read_buffer_bytes: usize,
     /// Longest message content, in characters (code points).
     #[serde(default = "default_max_content")]
     pub max_content_chars: usize,
