@@ -83,7 +83,7 @@ pub async fn serve(mut settings: Settings) -> anyhow::Result<()> {
         .ws_max_frame_size(ws_limit(settings.max_payload_bytes))
         .ws_max_message_size(ws_limit(settings.max_payload_bytes))
         .max_buffer_size(1024)
-        .ws_read_buffer_size(settings.ws_read_buffer_bytes.max(256))
+        .ws_read_buffer_size(settings.ws_read_buffer_bytes)
         .build_layer();
     let app: App = Arc::new(AppState::new(
         settings.clone(),

@@ -492,6 +492,16 @@ impl Settings {
             self.lease_ttl_ms >= 300,
             "LEASE_TTL_MS must be at least 300"
         );
+        // Smaller reads would cost a system call per few bytes of a frame.
+        anyhow::ensure!(
+            self.ws_read_buffer_bytes >= 256,
+            "WS_READ_BUFFER_BYTES must be at least 256"
+        );
+        // A linger near the outcome deadline would answer sends FAILED.
+        anyhow::ensure!(
+            self.worker_linger_ms <= 1000,
+            "WORKER_LINGER_MS must be at most 1000"
+        );
         // A shorter JWKS lifetime would refresh the key set continuously.
         anyhow::ensure!(
             self.auth_jwks_cache_ms >= 1000,
@@ -727,5 +737,15 @@ mod tests {
         assert_eq!(s.port, 4000);
         assert_eq!(s.auth_dev_secret.as_deref(), Some("1234"));
         assert!(Settings::from_vars(vars(&[("PORT", "abc")])).is_err());
+    }
+
+    #[test]
+    fn read_buffer_and_linger_are_bounded() {
+        let s = Settings::from_vars(vars(&[])).expect("defaults");
+        assert_eq!((s.ws_read_buffer_bytes, s.worker_linger_ms), (2048, 5));
+        assert!(Settings::from_vars(vars(&[("WS_READ_BUFFER_BYTES", "255")])).is_err());
+        assert!(Settings::from_vars(vars(&[("WORKER_LINGER_MS", "1001")])).is_err());
+        let s = Settings::from_vars(vars(&[("WORKER_LINGER_MS", "0")])).expect("0 is off");
+        assert_eq!(s.worker_linger_ms, 0);
     }
 }
