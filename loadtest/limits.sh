@@ -21,19 +21,8 @@ R=${REDIS_PORT:-6390}; RURL=redis://127.0.0.1:$R
 PG=postgres://postgres@127.0.0.1:5432
 # shellcheck source=lib.sh
 . "$root/loadtest/lib.sh"
-
-if [ ! -d "$work/anchors/load/node_modules" ]; then
-  rm -rf "$work/anchors"; mkdir -p "$work"; cp -r "$root/../shared/anchors" "$work/anchors"; chmod -R u+w "$work/anchors"
-  (cd "$work/anchors/load" && npm ci --no-audit --no-fund --loglevel=error)
-fi
-LOAD=$work/anchors/load; keys=$work/keys
-[ -f "$keys/public.pem" ] || (cd "$LOAD" && timeout 5 node src/cli.js --keys "$keys" --targets http://127.0.0.1:9 --connections 1 --duration 1 >/dev/null 2>&1; true)
-redis-cli -p "$R" ping >/dev/null 2>&1 || {
-  mkdir -p "$work/redis"
-  redis-server --port "$R" --bind 127.0.0.1 --save "" --appendonly no --dir "$work/redis" --daemonize yes >/dev/null
-  sleep 0.5
-}
-rpid=$(redis-cli -p "$R" info server | awk -F: '/^process_id/ {print $2}' | tr -d '\r')
+anchors "$root" "$work"
+rpid=$(private_redis "$R" "$work")
 ulimit -n "$(ulimit -Hn)"
 
 fresh_db() { psql -qAt "$PG/postgres" -c "DROP DATABASE IF EXISTS $1 WITH (FORCE)" >/dev/null 2>&1; }

@@ -17,27 +17,11 @@ DUR=${DUR:-30}
 CMD="--connections 1000 --channels 100 --rate 400 --duration $DUR"
 R=${REDIS_PORT:-6390}; RURL=redis://127.0.0.1:$R
 
-# Writable copies of the anchors (npm ci writes node_modules).
-if [ ! -d "$work/anchors/load/node_modules" ]; then
-  rm -rf "$work/anchors"; cp -r "$root/../shared/anchors" "$work/anchors"; chmod -R u+w "$work/anchors"
-  (cd "$work/anchors/load" && npm ci --no-audit --no-fund --loglevel=error)
-  (cd "$work/anchors/node-ref" && npm ci --no-audit --no-fund --loglevel=error)
-fi
-LOAD=$work/anchors/load; REF=$work/anchors/node-ref
-keys=$work/keys
-# The generator creates its keys on first use; a 1-second dry run against nothing is enough.
-[ -f "$keys/public.pem" ] || (cd "$LOAD" && timeout 5 node src/cli.js --keys "$keys" --targets http://127.0.0.1:9 --connections 1 --duration 1 >/dev/null 2>&1; true)
-export AUTH_PUBLIC_KEY_FILE=$keys/public.pem
-
-redis-cli -p "$R" ping >/dev/null 2>&1 || {
-  mkdir -p "$work/redis"
-  redis-server --port "$R" --bind 127.0.0.1 --save "" --appendonly no --dir "$work/redis" --daemonize yes >/dev/null
-  sleep 0.5
-}
-rpid=$(redis-cli -p "$R" info server | awk -F: '/^process_id/ {print $2}' | tr -d '\r')
-
 # shellcheck source=lib.sh
 . "$root/loadtest/lib.sh"
+anchors "$root" "$work"
+export AUTH_PUBLIC_KEY_FILE=$keys/public.pem
+rpid=$(private_redis "$R" "$work")
 
 run_load() { # name targets server-pids(comma) db
   local name=$1 targets=$2 spids=$3 db=$4
