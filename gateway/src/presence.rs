@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
 
 use switchboard_shared::protocol::{self, iso, ChannelEvent, PresenceChanged};
+use switchboard_shared::store::SessionChannels;
 use uuid::Uuid;
 
 use crate::state::App;
@@ -81,51 +82,33 @@ pub fn announce(app: &App, user_id: String, online: bool, at_ms: i64, known: Opt
     });
 }
 
-/// What a handshake learns about presence in one query and one Redis round
-/// trip: who is online in each of the user's small channels (the `online`
-/// lists of `connection:success`), and which channels those are (where an
-/// arrival is announced; `None` when the read failed).
+/// What a handshake learns about presence in one Redis round trip, from the
+/// members its database read brought ([`SessionChannels::small_members`]):
+/// who is online in each of the user's small channels (the `online` lists
+/// of `connection:success`), and which channels those are (where an arrival
+/// is announced; `None` when presence is off).
 pub struct OnlineLists {
     pub lists: BTreeMap<String, Vec<String>>,
     pub small_channels: Option<Vec<Uuid>>,
 }
 
-/// See [`OnlineLists`]. `member_of`: the user's channels; none means
-/// nothing to read at all. Presence is advisory: a backend failure gives
-/// empty lists, never a failed handshake.
-pub async fn online_lists(app: &App, user_id: &str, member_of: &[Uuid]) -> OnlineLists {
+/// See [`OnlineLists`]. Presence is advisory: a Redis failure gives empty
+/// lists, never a failed handshake.
+pub async fn online_lists(app: &App, read: &SessionChannels) -> OnlineLists {
     let mut out = OnlineLists {
         lists: BTreeMap::new(),
-        small_channels: Some(Vec::new()),
+        small_channels: Some(read.small_channels()),
     };
-    if app.settings.presence_max_members == 0 || member_of.is_empty() {
+    if app.settings.presence_max_members == 0 || read.small_members.is_empty() {
         return out;
     }
-    let members = match app
-        .store
-        .small_channel_members(user_id, app.settings.presence_max_members)
-        .await
-    {
-        Ok(m) => m,
-        Err(e) => {
-            tracing::warn!(error = %e, "online lists unavailable");
-            out.small_channels = None;
-            return out;
-        }
-    };
-    let users: Vec<String> = members
+    let users: Vec<String> = read
+        .small_members
         .iter()
         .map(|(_, u)| u.clone())
         .collect::<HashSet<_>>()
         .into_iter()
         .collect();
-    let small: Vec<Uuid> = members
-        .iter()
-        .map(|(c, _)| *c)
-        .collect::<std::collections::BTreeSet<_>>()
-        .into_iter()
-        .collect();
-    out.small_channels = Some(small);
     let online: HashSet<&String> = match app.presence.online(&users).await {
         Ok(flags) => users
             .iter()
@@ -138,7 +121,7 @@ pub async fn online_lists(app: &App, user_id: &str, member_of: &[Uuid]) -> Onlin
             return out;
         }
     };
-    for (channel, user) in &members {
+    for (channel, user) in &read.small_members {
         let list: &mut Vec<String> = out.lists.entry(channel.to_string()).or_default();
         if online.contains(user) {
             list.push(user.clone());

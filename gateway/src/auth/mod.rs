@@ -266,6 +266,13 @@ impl Verifier {
         })
     }
 
+    /// Whether `token` passes [`Verifier::precheck`]: for such a token
+    /// `verify_guarded` does the same whatever `suspect` is, so the caller
+    /// need not look the failure counter up.
+    pub fn is_plausible(&self, token: &str) -> bool {
+        self.precheck(strip_bearer(token)).is_ok()
+    }
+
     /// What can be checked without a signature verification or a network
     /// call: the header decodes, its algorithm is accepted, its key is one
     /// we hold (no refetch), and the unverified `exp` has not passed.

@@ -5,6 +5,9 @@
 pub mod entities;
 pub mod migration;
 mod presence;
+mod session;
+
+pub use session::SessionChannels;
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -231,44 +234,6 @@ impl Store {
     }
 
     // ---- channels and membership ---------------------------------------------
-
-    /// Every channel the user is a member of, oldest membership first, with
-    /// its position: the seq of its latest message (0 if none). One query,
-    /// run at every handshake.
-    pub async fn channels_of(
-        &self,
-        user_id: &str,
-        limit: usize,
-    ) -> Result<Vec<(Uuid, i64)>, DbErr> {
-        #[derive(FromQueryResult)]
-        struct Row {
-            channel_id: Uuid,
-            position: i64,
-        }
-        let backend = self.backend();
-        let (p1, p2) = match backend {
-            DatabaseBackend::Postgres => ("$1", "$2"),
-            _ => ("?", "?"),
-        };
-        // The subquery is answered from the (channel_id, seq) unique index.
-        let sql = format!(
-            "SELECT m.channel_id, \
-               COALESCE((SELECT MAX(x.seq) FROM messages x WHERE x.channel_id = m.channel_id), 0) AS position \
-             FROM channel_members m WHERE m.user_id = {p1} \
-             ORDER BY m.joined_at, m.channel_id LIMIT {p2}"
-        );
-        let rows = Row::find_by_statement(Statement::from_sql_and_values(
-            backend,
-            sql,
-            [user_id.into(), (limit as i64).into()],
-        ))
-        .all(&self.db)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| (r.channel_id, r.position))
-            .collect())
-    }
 
     pub async fn channel(&self, id: Uuid) -> Result<Option<channel::Model>, DbErr> {
         channel::Entity::find_by_id(id).one(&self.db).await
@@ -1026,17 +991,37 @@ mod upsert_tests {
     }
 
     #[tokio::test]
-    async fn sqlite_writes_only_changed_users() {
-        let store = Store::connect("sqlite::memory:", 1).await.expect("sqlite");
-        store.migrate().await.expect("migrate");
-        only_changes_are_written(store).await;
+    async fn writes_only_changed_users() {
+        test_support::each_backend(|store, _| only_changes_are_written(store)).await;
+    }
+}
+
+/// Stores for the tests of this module's queries: one per backend.
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    #[derive(Debug, Clone, Copy)]
+    pub enum Backend {
+        Sqlite,
+        Postgres,
     }
 
-    #[tokio::test]
-    async fn postgres_writes_only_changed_users() {
+    /// Runs `test` on an in-memory SQLite store, then on a PostgreSQL
+    /// store of its own temporary database (`TEST_PG_ADMIN_URL`, default
+    /// the local `postgres` database), dropped afterwards.
+    pub async fn each_backend<F, Fut>(test: F)
+    where
+        F: Fn(Store, Backend) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        let store = Store::connect("sqlite::memory:", 1).await.expect("sqlite");
+        store.migrate().await.expect("migrate");
+        test(store, Backend::Sqlite).await;
+
         let admin = std::env::var("TEST_PG_ADMIN_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let name = format!("sb_upsert_{}", uuid::Uuid::now_v7().simple());
+        let name = format!("sb_store_{}", uuid::Uuid::now_v7().simple());
         let admin_store = Store::connect(&admin, 1).await.expect("postgres");
         admin_store
             .db
@@ -1049,8 +1034,7 @@ mod upsert_tests {
         };
         let store = Store::connect(&url, 1).await.expect("connect");
         store.migrate().await.expect("migrate");
-        only_changes_are_written(store.clone()).await;
-        drop(store);
+        test(store, Backend::Postgres).await;
         let _ = admin_store
             .db
             .execute_unprepared(&format!("DROP DATABASE {name} WITH (FORCE)"))

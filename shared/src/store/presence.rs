@@ -1,5 +1,7 @@
 //! The queries behind presence (CONTRACT §11): which of a user's channels
-//! are small enough for `presence:changed`, and who their members are.
+//! are small enough for `presence:changed`, and who a channel's members are
+//! (a handshake reads its small channels' members with its channels, in
+//! `session.rs`).
 //!
 //! A channel's size is counted only up to `max + 1` rows (a `LIMIT` inside
 //! the count), so a user in a channel of a million members costs the same
@@ -50,54 +52,6 @@ impl Store {
         .all(&self.db)
         .await?;
         Ok(rows.into_iter().map(|r| r.channel_id).collect())
-    }
-
-    /// The members of each of the user's channels with at most `max`
-    /// members (the user included), in one query: the `online` lists of
-    /// `connection:success`.
-    pub async fn small_channel_members(
-        &self,
-        user_id: &str,
-        max: usize,
-    ) -> Result<Vec<(Uuid, String)>, DbErr> {
-        #[derive(FromQueryResult)]
-        struct Row {
-            channel_id: Uuid,
-            user_id: String,
-        }
-        let backend = self.backend();
-        let max = max as i64;
-        let values: Vec<sea_orm::Value> = match backend {
-            DatabaseBackend::Postgres => vec![user_id.into(), max.into()],
-            _ => vec![user_id.into(), max.into(), max.into()],
-        };
-        // On PostgreSQL a LATERAL join reads each small channel's members
-        // from the primary key: with `IN (…)` (or a plain join) the planner
-        // preferred a hash join over a sequential scan of the whole
-        // membership table, once per handshake (1.5 ms at 10,000
-        // memberships, growing with them; 0.17 ms this way). `OFFSET 0`
-        // keeps the planner from flattening the LATERAL subquery back into
-        // that join. SQLite already answers the `IN` form from the index.
-        let sql = match backend {
-            DatabaseBackend::Postgres => format!(
-                "SELECT s.channel_id, cm.user_id FROM ({}) AS s \
-                 CROSS JOIN LATERAL (SELECT c.user_id FROM channel_members c \
-                   WHERE c.channel_id = s.channel_id OFFSET 0) AS cm",
-                small_channels_sql(backend)
-            ),
-            _ => format!(
-                "SELECT cm.channel_id, cm.user_id FROM channel_members cm \
-                 WHERE cm.channel_id IN ({})",
-                small_channels_sql(backend)
-            ),
-        };
-        let rows = Row::find_by_statement(Statement::from_sql_and_values(backend, sql, values))
-            .all(&self.db)
-            .await?;
-        Ok(rows
-            .into_iter()
-            .map(|r| (r.channel_id, r.user_id))
-            .collect())
     }
 
     /// Every member of a channel (`GET /api/channels/{id}/presence`).
