@@ -8,7 +8,7 @@
 #   loadtest/limits.sh fanout   one channel of 5,000 members, 20 senders, 10 msg/s (50,000
 #                               deliveries/s), independent generator, 2 gw + 2 wk
 #   loadtest/limits.sh memory   RSS per idle connection: 8,000 HS256 connections of switchboard-loadtest
-#                               on one gateway
+#                               on one gateway (BROWSER=1: with a browser's headers and cookies)
 #
 # Env: N (sockets: storm 10000, memory 8000), RATE (fanout msg/s, 10), DUR (fanout seconds, 20),
 # REDIS_PORT (private redis-server, 6390), WORK (/tmp/switchboard-side-by-side, shared with
@@ -70,7 +70,8 @@ memory)
   for _ in $(seq 100); do curl -sf http://127.0.0.1:3012/readyz >/dev/null && break; sleep 0.1; done
   gw=$(ss -ltnpH 'sport = :3012' | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2)
   "$root/target/release/switchboard-loadtest" connect --targets http://127.0.0.1:3012 --secret benchsecret \
-    --connections "${N:-8000}" --rate 2000 --hold 3 --source-ips 8 --gateway-pid "$gw" 2>&1 | grep -E "^connect:|connect\+auth|RSS"
+    --connections "${N:-8000}" --rate 2000 --hold 3 --source-ips 8 --gateway-pid "$gw" ${BROWSER:+--browser-headers} 2>&1 \
+    | grep -E "^connect:|connect\+auth|RSS"
   kill -TERM "$gw"
   ;;
 *) echo "usage: loadtest/limits.sh storm|fanout|memory" >&2; exit 2 ;;

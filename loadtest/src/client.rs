@@ -19,6 +19,8 @@ use futures::{SinkExt, StreamExt};
 use serde_json::Value;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
@@ -42,6 +44,42 @@ pub struct Target {
     pub path: String,
     /// Socket.IO namespace, e.g. `/` or `/api/socket.io`.
     pub namespace: String,
+    /// Send the headers a browser sends with its websocket handshake
+    /// ([`BROWSER_HEADERS`]), cookies included, instead of the bare minimum.
+    pub browser_headers: bool,
+}
+
+/// What Chrome sends with the websocket handshake of a web app signed in
+/// with Clerk, beyond the handshake's own headers: cookies of the app's
+/// domain (Clerk's session JWT among them) and the usual browser headers.
+/// A server keeps every header of a connection's first request for the
+/// connection's life, so these are what an idle connection costs in
+/// production, not the bare handshake a load tool sends.
+pub const BROWSER_HEADERS: [(&str, &str); 7] = [
+    ("origin", "http://localhost:3000"),
+    ("user-agent", "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/131.0.0.0 Safari/537.36"),
+    ("accept-encoding", "gzip, deflate, br, zstd"),
+    ("accept-language", "en-US,en;q=0.9,de;q=0.8"),
+    ("cache-control", "no-cache"),
+    ("pragma", "no-cache"),
+    ("sec-websocket-extensions", "permessage-deflate; client_max_window_bits"),
+];
+
+/// A cookie header of the size a Clerk app's domain carries (a session JWT
+/// of ~1 KB, a dev-browser JWT, a few small cookies): ~1.6 KB.
+pub fn browser_cookie() -> String {
+    let jwt = |n: usize| {
+        "eyJhbGciOiJSUzI1NiJ9"
+            .chars()
+            .cycle()
+            .take(n)
+            .collect::<String>()
+    };
+    format!(
+        "__session={}; __client_uat=1732700000; __clerk_db_jwt={}; _ga=GA1.1.1234567890.1732700000; theme=dark",
+        jwt(1100),
+        jwt(400)
+    )
 }
 
 impl Target {
@@ -51,6 +89,7 @@ impl Target {
             base: base.trim_end_matches('/').to_string(),
             path: "/api/socket.io".into(),
             namespace: "/".into(),
+            browser_headers: false,
         }
     }
     /// The seed's URL read as a namespace: `/api/socket.io` on `/socket.io`.
@@ -59,6 +98,7 @@ impl Target {
             base: base.trim_end_matches('/').to_string(),
             path: "/socket.io".into(),
             namespace: "/api/socket.io".into(),
+            browser_headers: false,
         }
     }
 }
@@ -95,9 +135,20 @@ impl Client {
             ws_base,
             target.path.trim_end_matches('/')
         );
+        let mut request = url
+            .as_str()
+            .into_client_request()
+            .with_context(|| format!("websocket request to {url}"))?;
+        if target.browser_headers {
+            let headers = request.headers_mut();
+            for (name, value) in BROWSER_HEADERS {
+                headers.insert(name, HeaderValue::from_static(value));
+            }
+            headers.insert("cookie", HeaderValue::from_str(&browser_cookie())?);
+        }
         let stream = match local_ip {
             None => {
-                let (ws, _) = tokio_tungstenite::connect_async_with_config(&url, None, true)
+                let (ws, _) = tokio_tungstenite::connect_async_with_config(request, None, true)
                     .await
                     .with_context(|| format!("websocket connect to {url}"))?;
                 ws
@@ -121,7 +172,7 @@ impl Client {
                 let tcp = socket.connect(addr).await?;
                 tcp.set_nodelay(true)?;
                 let (ws, _) =
-                    tokio_tungstenite::client_async(&url, MaybeTlsStream::Plain(tcp)).await?;
+                    tokio_tungstenite::client_async(request, MaybeTlsStream::Plain(tcp)).await?;
                 ws
             }
         };

@@ -77,6 +77,10 @@ struct Common {
     /// Prefix of the user ids of this run (unique per run by default).
     #[arg(long)]
     run_id: Option<String>,
+    /// Handshakes with a browser's headers and cookies (see
+    /// `client::BROWSER_HEADERS`), as in production.
+    #[arg(long)]
+    browser_headers: bool,
 }
 
 #[derive(Args)]
@@ -214,7 +218,8 @@ async fn open_connections(
         let due = start + Duration::from_secs_f64(i as f64 / rate.max(1) as f64);
         tokio::time::sleep_until(due.into()).await;
         let permit = sem.clone().acquire_owned().await;
-        let target = Target::seed_path(&common.targets[i % common.targets.len()]);
+        let mut target = Target::seed_path(&common.targets[i % common.targets.len()]);
+        target.browser_headers = common.browser_headers;
         let auth = minter.auth(&user);
         let ip = source_ip(common, i);
         tasks.push(tokio::spawn(async move {
