@@ -180,22 +180,27 @@ async fn refuse_oversized(
     next.run(req).await
 }
 
+/// Ready when Redis and the database answer and the node is not draining.
+/// The answer names the node (`NODE_ID`): behind a load balancer, and for a
+/// test harness making sure the port it chose is its own gateway's.
 async fn readyz(State(app): State<App>) -> Response {
+    let node = &app.node_id;
     if app.is_draining() {
         return (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "draining"})),
+            Json(json!({"status": "draining", "node": node})),
         )
             .into_response();
     }
     let bus = app.bus.ping().await;
     let db = app.store.ping().await;
     match (bus, db) {
-        (Ok(()), Ok(())) => Json(json!({"status": "ok"})).into_response(),
+        (Ok(()), Ok(())) => Json(json!({"status": "ok", "node": node})).into_response(),
         (bus, db) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(json!({
                 "status": "unavailable",
+                "node": node,
                 "bus": bus.err().map(|e| e.to_string()),
                 "database": db.err().map(|e| e.to_string()),
             })),

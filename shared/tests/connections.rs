@@ -149,11 +149,50 @@ async fn online_offline(p: &dyn Presence, tag: &str) {
     assert_eq!(p.online(&users).await.expect("online"), [false, true]);
 }
 
+/// A node's heartbeat refreshes all its entries at once (several users per
+/// bucket, several sockets per user, every bucket): each outlives its TTL
+/// while refreshed; an entry left out expires.
+async fn heartbeat_of_many(p: &dyn Presence, tag: &str) {
+    let ttl = Duration::from_secs(2);
+    let users: Vec<String> = (0..40).map(|i| format!("{tag}-hb{i}")).collect();
+    let mut entries = Vec::new();
+    for u in &users {
+        for s in ["a", "b"] {
+            let member = format!("n:{u}:{s}");
+            assert!(accepted(p.claim(u, &member, 0, ttl).await.expect("claim")));
+            entries.push((u.clone(), member));
+        }
+    }
+    let left_out = format!("{tag}-hb-left-out");
+    assert!(accepted(
+        p.claim(&left_out, "n:x", 0, ttl).await.expect("claim")
+    ));
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        p.refresh(&entries, ttl).await.expect("refresh");
+    }
+    // 2.5 s after the claims: the refreshed entries still count, the
+    // other one is gone.
+    for u in &users {
+        assert_eq!(
+            p.claim(u, "n:third", 2, ttl).await.expect("claim"),
+            Claim::Refused,
+            "{u}'s two sockets still count"
+        );
+    }
+    assert!(
+        accepted(p.claim(&left_out, "n:y", 1, ttl).await.expect("claim")),
+        "an entry left out of the heartbeat expired"
+    );
+    assert!(p.online(&users).await.expect("online").iter().all(|o| *o));
+}
+
 #[tokio::test]
 async fn memory_connections() {
     let p = MemoryPresence::new();
     cap_release_expire(&p, "u").await;
     online_offline(&p, "mem").await;
+    heartbeat_of_many(&p, "mem").await;
 }
 
 #[tokio::test]
@@ -164,6 +203,7 @@ async fn redis_connections() {
     let p = RedisPresence::new(bus.command_client(), &prefix);
     cap_release_expire(&p, "u").await;
     online_offline(&p, "redis").await;
+    heartbeat_of_many(&p, "redis").await;
     let _ = std::process::Command::new("sh")
         .args([
             "-c",

@@ -74,6 +74,10 @@ impl Proc {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
     pub fn terminate(&mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
@@ -225,32 +229,52 @@ impl Cluster {
         self.workers.push(p);
     }
 
+    /// Starts a gateway on a free port and waits until it is ready. The
+    /// port is chosen before the gateway binds it, so another test's
+    /// process may take it in between: then either this gateway exits
+    /// ("address in use") or `/readyz` on that port answers with another
+    /// node's name; both are retried on a new port.
     pub async fn add_gateway(&mut self) -> String {
-        let port = free_port();
         let name = format!("{}-gw{}", self.db, self.gateways.len());
-        let p = self.spawn(
-            &name,
-            "switchboard-gateway",
-            &[("PORT".into(), port.to_string())],
-        );
-        let url = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(r) = reqwest::get(format!("{url}/readyz")).await {
-                if r.status().is_success() {
-                    break;
-                }
-            }
-            assert!(
-                Instant::now() < deadline,
-                "gateway not ready: {}",
-                p.log_tail()
+        for _attempt in 0..5 {
+            let port = free_port();
+            let mut p = self.spawn(
+                &name,
+                "switchboard-gateway",
+                &[("PORT".into(), port.to_string())],
             );
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            let url = format!("http://127.0.0.1:{port}");
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let ours = loop {
+                if p.exited() {
+                    assert!(
+                        p.log_tail().contains("in use"),
+                        "gateway exited before it was ready: {}",
+                        p.log_tail()
+                    );
+                    break false;
+                }
+                if let Ok(r) = reqwest::get(format!("{url}/readyz")).await {
+                    if r.status().is_success() {
+                        let body: serde_json::Value = r.json().await.unwrap_or_default();
+                        break body["node"] == name.as_str();
+                    }
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "gateway not ready: {}",
+                    p.log_tail()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            };
+            if ours {
+                self.gateways.push(p);
+                self.urls.push(url.clone());
+                return url;
+            }
+            p.kill9();
         }
-        self.gateways.push(p);
-        self.urls.push(url.clone());
-        url
+        panic!("no free port for {name} after 5 attempts");
     }
 
     /// The environment every process of this cluster gets.

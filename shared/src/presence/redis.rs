@@ -50,19 +50,31 @@ return 0
 "#
 );
 
-/// A heartbeat of one entry. KEYS: conns, online. ARGV: member, ttl ms,
-/// user. Re-adds an entry Redis lost (an empty restart), so presence and
-/// the counts heal within one heartbeat.
+/// A heartbeat of many entries of one bucket, in one call: a node's
+/// heartbeat costs one script per bucket and chunk, not one per socket.
+/// KEYS: the bucket's online index, then the conns key of each entry. ARGV:
+/// ttl ms, then each entry's member and user. Re-adds an entry Redis lost
+/// (an empty restart), so presence and the counts heal within one heartbeat.
 const REFRESH_LUA: &str = concat!(
     now_lua!(),
     r#"
-local expiry = now + tonumber(ARGV[2])
-redis.call('ZADD', KEYS[1], expiry, ARGV[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
-redis.call('ZADD', KEYS[2], 'GT', expiry, ARGV[3])
+local ttl = tonumber(ARGV[1])
+local expiry = now + ttl
+local online = {'ZADD', KEYS[1], 'GT'}
+for i = 2, #KEYS do
+  redis.call('ZADD', KEYS[i], expiry, ARGV[2 * i - 2])
+  redis.call('PEXPIRE', KEYS[i], ttl)
+  online[#online + 1] = expiry
+  online[#online + 1] = ARGV[2 * i - 1]
+end
+if #KEYS > 1 then redis.call(unpack(online)) end
 return 0
 "#
 );
+
+/// Entries per refresh call: bounds one script's run time (and Lua's
+/// `unpack`, which takes a few thousand values at most).
+const REFRESH_CHUNK: usize = 500;
 
 /// KEYS: conns, online. ARGV: member, grace ms, user.
 const RELEASE_LUA: &str = concat!(
@@ -210,24 +222,33 @@ impl Presence for RedisPresence {
 
     async fn refresh(&self, entries: &[(String, String)], ttl: Duration) -> BusResult<()> {
         let ttl = ttl.as_millis() as i64;
-        for chunk in entries.chunks(500) {
-            let calls = chunk
-                .iter()
-                .map(|(user, member)| {
-                    (
-                        self.keys(user),
-                        vec![
-                            Value::from(member.as_str()),
-                            Value::from(ttl),
-                            Value::from(user.as_str()),
-                        ],
-                    )
-                })
-                .collect();
-            self.eval_many(&self.refresh, calls)
-                .await
-                .map_err(unavailable)?;
+        let mut by_bucket: Vec<Vec<&(String, String)>> = vec![Vec::new(); BUCKETS as usize];
+        for entry in entries {
+            by_bucket[bucket_of(&entry.0) as usize].push(entry);
         }
+        // One call per bucket and chunk (a call's keys share the bucket's
+        // hash tag), all of them in one pipeline.
+        let mut calls = Vec::new();
+        for (b, bucket) in by_bucket.iter().enumerate() {
+            for chunk in bucket.chunks(REFRESH_CHUNK) {
+                let mut keys = Vec::with_capacity(chunk.len() + 1);
+                let mut args = Vec::with_capacity(chunk.len() * 2 + 1);
+                keys.push(self.online_key(b as u32));
+                args.push(Value::from(ttl));
+                for (user, member) in chunk {
+                    keys.push(format!("{}{user}", self.conns_prefix(b as u32)));
+                    args.push(Value::from(member.as_str()));
+                    args.push(Value::from(user.as_str()));
+                }
+                calls.push((keys, args));
+            }
+        }
+        if calls.is_empty() {
+            return Ok(());
+        }
+        self.eval_many(&self.refresh, calls)
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 

@@ -451,7 +451,9 @@ class Proc {
   }
 }
 
-async function waitReady(proc, url) {
+/** Waits for `url`/readyz to answer 200; with `node`, the answer must name that node (else the
+ * port belongs to another process's gateway: an error with `portTaken`). */
+async function waitReady(proc, url, node) {
   const deadline = Date.now() + READY_TIMEOUT_MS;
   let last = 'no answer';
   while (Date.now() < deadline) {
@@ -460,9 +462,14 @@ async function waitReady(proc, url) {
     }
     try {
       const res = await fetch(`${url}/readyz`, { signal: AbortSignal.timeout(1000) });
-      if (res.status === 200) return;
+      if (res.status === 200) {
+        const body = await res.json().catch(() => ({}));
+        if (node === undefined || body.node === node) return;
+        throw Object.assign(new Error(`${url} is answered by node ${body.node}, not ${node}`), { portTaken: true });
+      }
       last = `HTTP ${res.status}: ${(await res.text()).slice(0, 200)}`;
     } catch (e) {
+      if (e.portTaken) throw e;
       last = e.cause?.code || e.message;
     }
     await sleep(100);
@@ -589,7 +596,7 @@ class Cluster {
       proc.url = `http://127.0.0.1:${port}`;
       proc.port = port;
       try {
-        await waitReady(proc, proc.url);
+        await waitReady(proc, proc.url, env.NODE_ID);
         this.gateways[i] = proc;
         // A restarted gateway has a new port: url(i) follows it.
         if (i < this.urls.length) this.urls[i] = proc.url;
@@ -597,8 +604,9 @@ class Cluster {
       } catch (e) {
         lastError = e;
         await proc.stop('SIGKILL', 1000);
-        // Only a port stolen between freePort() and bind() is worth another try.
-        if (!/address (already )?in use|EADDRINUSE/i.test(proc.logs.tail(200))) break;
+        // Only a port stolen between freePort() and bind() is worth another try: this gateway
+        // could not bind it, or another process's gateway answers on it.
+        if (!e.portTaken && !/address (already )?in use|EADDRINUSE/i.test(proc.logs.tail(200))) break;
       }
     }
     throw lastError;
