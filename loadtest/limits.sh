@@ -9,6 +9,8 @@
 #                               deliveries/s), independent generator, 2 gw + 2 wk
 #   loadtest/limits.sh memory   RSS per idle connection: 8,000 HS256 connections of switchboard-loadtest
 #                               on one gateway (BROWSER=1: with a browser's headers and cookies)
+#   loadtest/limits.sh idle     CPU of one gateway and of Redis over 30 s with 8,000 idle HS256
+#                               connections (the presence heartbeat, Engine.IO pings, sweeps)
 #
 # Env: N (sockets: storm 10000, memory 8000), RATE (fanout msg/s, 10), DUR (fanout seconds, 20),
 # REDIS_PORT (private redis-server, 6390), WORK (/tmp/switchboard-side-by-side, shared with
@@ -74,5 +76,24 @@ memory)
     | grep -E "^connect:|connect\+auth|RSS"
   kill -TERM "$gw"
   ;;
-*) echo "usage: loadtest/limits.sh storm|fanout|memory" >&2; exit 2 ;;
+idle)
+  fresh_db sbidle; psql -qAt "$PG/postgres" -c "CREATE DATABASE sbidle" >/dev/null
+  (cd "$root" && DATABASE_URL=$PG/sbidle REDIS_URL=$RURL target/release/switchboard-worker migrate >/dev/null 2>&1)
+  (cd "$root" && DATABASE_URL=$PG/sbidle REDIS_URL=$RURL REDIS_PREFIX=sbidle$RANDOM AUTH_DEV_SECRET=benchsecret PORT=3012 \
+    RUST_LOG=warn nohup target/release/switchboard-gateway >"$work/idle-gw.log" 2>&1 &)
+  for _ in $(seq 100); do curl -sf http://127.0.0.1:3012/readyz >/dev/null && break; sleep 0.1; done
+  gw=$(ss -ltnpH 'sport = :3012' | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2)
+  n=${N:-8000}
+  "$root/target/release/switchboard-loadtest" connect --targets http://127.0.0.1:3012 --secret benchsecret \
+    --connections "$n" --rate 2000 --hold $(( n / 2000 + 45 )) --source-ips 8 >"$work/idle-load.txt" 2>&1 &
+  load=$!
+  sleep $(( n / 2000 + 8 ))   # the ramp and a settle
+  ticks "$gw" >"$work/idle.g0"; ticks "$rpid" >"$work/idle.r0"; redis-cli -p "$R" CONFIG RESETSTAT >/dev/null
+  sleep 30
+  ticks "$gw" >"$work/idle.g1"; ticks "$rpid" >"$work/idle.r1"
+  echo "$n idle connections, 30 s: gateway $(cpu_diff "$work/idle.g0" "$work/idle.g1") s, redis $(cpu_diff "$work/idle.r0" "$work/idle.r1") s of CPU"
+  redis-cli -p "$R" INFO commandstats | tr -d '\r' | grep -E "^cmdstat_evalsha:" | cut -d, -f1
+  kill "$load" 2>/dev/null; kill -TERM "$gw"
+  ;;
+*) echo "usage: loadtest/limits.sh storm|fanout|memory|idle" >&2; exit 2 ;;
 esac
