@@ -35,6 +35,14 @@ cluster() { # db: 2 gateways + 2 workers on 3002/3003, the generator's PEM, set-
     || { cat "$work/$1-start.txt"; exit 1; }
 }
 stop_cluster() { (cd "$root" && scripts/dev-cluster stop >/dev/null 2>&1); }
+one_gateway() { # db: one HS256 gateway on 3012 (its workers are not needed: nothing is sent); sets $gw
+  fresh_db "$1"; psql -qAt "$PG/postgres" -c "CREATE DATABASE $1" >/dev/null
+  (cd "$root" && DATABASE_URL=$PG/$1 REDIS_URL=$RURL target/release/switchboard-worker migrate >/dev/null 2>&1)
+  (cd "$root" && DATABASE_URL=$PG/$1 REDIS_URL=$RURL REDIS_PREFIX=$1$RANDOM AUTH_DEV_SECRET=benchsecret PORT=3012 \
+    RUST_LOG=warn nohup target/release/switchboard-gateway >"$work/$1-gw.log" 2>&1 &)
+  for _ in $(seq 100); do curl -sf http://127.0.0.1:3012/readyz >/dev/null && break; sleep 0.1; done
+  gw=$(ss -ltnpH 'sport = :3012' | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2)
+}
 
 case "${1:-}" in
 storm)
@@ -65,24 +73,14 @@ fanout)
   stop_cluster
   ;;
 memory)
-  fresh_db sbmem; psql -qAt "$PG/postgres" -c "CREATE DATABASE sbmem" >/dev/null
-  (cd "$root" && DATABASE_URL=$PG/sbmem REDIS_URL=$RURL target/release/switchboard-worker migrate >/dev/null 2>&1)
-  (cd "$root" && DATABASE_URL=$PG/sbmem REDIS_URL=$RURL REDIS_PREFIX=sbmem$RANDOM AUTH_DEV_SECRET=benchsecret PORT=3012 \
-    RUST_LOG=warn nohup target/release/switchboard-gateway >"$work/memory-gw.log" 2>&1 &)
-  for _ in $(seq 100); do curl -sf http://127.0.0.1:3012/readyz >/dev/null && break; sleep 0.1; done
-  gw=$(ss -ltnpH 'sport = :3012' | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2)
+  one_gateway sbmem
   "$root/target/release/switchboard-loadtest" connect --targets http://127.0.0.1:3012 --secret benchsecret \
     --connections "${N:-8000}" --rate 2000 --hold 3 --source-ips 8 --gateway-pid "$gw" ${BROWSER:+--browser-headers} 2>&1 \
     | grep -E "^connect:|connect\+auth|RSS"
   kill -TERM "$gw"
   ;;
 idle)
-  fresh_db sbidle; psql -qAt "$PG/postgres" -c "CREATE DATABASE sbidle" >/dev/null
-  (cd "$root" && DATABASE_URL=$PG/sbidle REDIS_URL=$RURL target/release/switchboard-worker migrate >/dev/null 2>&1)
-  (cd "$root" && DATABASE_URL=$PG/sbidle REDIS_URL=$RURL REDIS_PREFIX=sbidle$RANDOM AUTH_DEV_SECRET=benchsecret PORT=3012 \
-    RUST_LOG=warn nohup target/release/switchboard-gateway >"$work/idle-gw.log" 2>&1 &)
-  for _ in $(seq 100); do curl -sf http://127.0.0.1:3012/readyz >/dev/null && break; sleep 0.1; done
-  gw=$(ss -ltnpH 'sport = :3012' | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2)
+  one_gateway sbidle
   n=${N:-8000}
   "$root/target/release/switchboard-loadtest" connect --targets http://127.0.0.1:3012 --secret benchsecret \
     --connections "$n" --rate 2000 --hold $(( n / 2000 + 45 )) --source-ips 8 >"$work/idle-load.txt" 2>&1 &
