@@ -86,10 +86,10 @@ pub fn announce(app: &App, user_id: String, online: bool, at_ms: i64, known: Opt
 /// members its database read brought ([`SessionChannels::small_members`]):
 /// who is online in each of the user's small channels (the `online` lists
 /// of `connection:success`), and which channels those are (where an arrival
-/// is announced; `None` when presence is off).
+/// is announced; none when presence is off).
 pub struct OnlineLists {
     pub lists: BTreeMap<String, Vec<String>>,
-    pub small_channels: Option<Vec<Uuid>>,
+    pub small_channels: Vec<Uuid>,
 }
 
 /// See [`OnlineLists`]. Presence is advisory: a Redis failure gives empty
@@ -97,7 +97,7 @@ pub struct OnlineLists {
 pub async fn online_lists(app: &App, read: &SessionChannels) -> OnlineLists {
     let mut out = OnlineLists {
         lists: BTreeMap::new(),
-        small_channels: Some(read.small_channels()),
+        small_channels: read.small_channels(),
     };
     if app.settings.presence_max_members == 0 || read.small_members.is_empty() {
         return out;

@@ -298,7 +298,7 @@ async fn handshake(
     Ok(Handshake::Accepted {
         success: Arc::new(success),
         since: Arc::new(since),
-        came_online: came_online.map(|at| (at, online.small_channels)),
+        came_online: came_online.map(|at| (at, Some(online.small_channels))),
     })
 }
 
