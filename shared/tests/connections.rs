@@ -187,12 +187,26 @@ async fn heartbeat_of_many(p: &dyn Presence, tag: &str) {
     assert!(p.online(&users).await.expect("online").iter().all(|o| *o));
 }
 
+/// Who is online among more users than one read takes (several calls, every
+/// bucket), in the order asked.
+async fn online_of_many(p: &dyn Presence, tag: &str) {
+    let ttl = Duration::from_secs(30);
+    let users: Vec<String> = (0..2200).map(|i| format!("{tag}-many{i}")).collect();
+    for u in users.iter().step_by(2) {
+        assert!(accepted(p.claim(u, "n:s", 0, ttl).await.expect("claim")));
+    }
+    let online = p.online(&users).await.expect("online");
+    let expected: Vec<bool> = (0..users.len()).map(|i| i % 2 == 0).collect();
+    assert_eq!(online, expected);
+}
+
 #[tokio::test]
 async fn memory_connections() {
     let p = MemoryPresence::new();
     cap_release_expire(&p, "u").await;
     online_offline(&p, "mem").await;
     heartbeat_of_many(&p, "mem").await;
+    online_of_many(&p, "mem").await;
 }
 
 #[tokio::test]
@@ -204,6 +218,7 @@ async fn redis_connections() {
     cap_release_expire(&p, "u").await;
     online_offline(&p, "redis").await;
     heartbeat_of_many(&p, "redis").await;
+    online_of_many(&p, "redis").await;
     let _ = std::process::Command::new("sh")
         .args([
             "-c",

@@ -14,7 +14,6 @@ use std::time::Duration;
 use async_trait::async_trait;
 use fred::prelude::*;
 use fred::types::scripts::Script;
-use fred::types::CustomCommand;
 
 use super::{bucket_of, Claim, Presence, WentOffline, BUCKETS};
 use crate::bus::redis::{eval_pipelined, evalsha};
@@ -89,6 +88,32 @@ return 0
 "#
 );
 
+/// Who of some users is online, several buckets in one call. KEYS: online
+/// indexes. ARGV: for each key the number of its users, then all the users
+/// in key order. Returns a 1 or 0 per user, in that order. On a single Redis
+/// one call covers every bucket; on a cluster each call holds one bucket
+/// (one slot). One call instead of a `ZMSCORE` per bucket matters because
+/// the client writes every pipelined command with a system call of its own.
+const ONLINE_LUA: &str = r#"
+local out = {}
+local a = #KEYS + 1
+for i = 1, #KEYS do
+  local n = tonumber(ARGV[i])
+  local users = {}
+  for j = 1, n do users[j] = ARGV[a + j - 1] end
+  a = a + n
+  local scores = redis.call('ZMSCORE', KEYS[i], unpack(users))
+  for j = 1, n do
+    if scores[j] then out[#out + 1] = 1 else out[#out + 1] = 0 end
+  end
+end
+return out
+"#;
+
+/// Users per `ONLINE_LUA` call (Lua's `unpack` takes a few thousand values
+/// at most).
+const ONLINE_CHUNK: usize = 1000;
+
 /// KEYS: online (one bucket). ARGV: the bucket's conns key prefix, max.
 /// Returns {now, users gone offline...}.
 const SWEEP_LUA: &str = concat!(
@@ -118,6 +143,7 @@ pub struct RedisPresence {
     refresh: Script,
     release: Script,
     sweep: Script,
+    online: Script,
 }
 
 fn unavailable(e: impl std::fmt::Display) -> BusError {
@@ -134,6 +160,7 @@ impl RedisPresence {
             refresh: Script::from_lua(REFRESH_LUA),
             release: Script::from_lua(RELEASE_LUA),
             sweep: Script::from_lua(SWEEP_LUA),
+            online: Script::from_lua(ONLINE_LUA),
         }
     }
 
@@ -141,7 +168,13 @@ impl RedisPresence {
     /// first handshake: otherwise a burst of connections meets `NOSCRIPT`
     /// at once and each of them loads the script again.
     pub async fn preload(&self) -> Result<(), fred::error::Error> {
-        for script in [&self.claim, &self.refresh, &self.release, &self.sweep] {
+        for script in [
+            &self.claim,
+            &self.refresh,
+            &self.release,
+            &self.sweep,
+            &self.online,
+        ] {
             script.load(&self.client).await?;
         }
         Ok(())
@@ -304,23 +337,51 @@ impl Presence for RedisPresence {
         for (i, u) in user_ids.iter().enumerate() {
             by_bucket[bucket_of(u) as usize].push(i);
         }
-        let zmscore = CustomCommand::new_static("ZMSCORE", None, false);
-        let pipeline = self.client.pipeline();
-        let mut asked = Vec::new();
+        // Calls of (bucket, its users' indices) groups: one group per call on
+        // a cluster (a script stays in one slot), as many groups as fit in
+        // ONLINE_CHUNK users on a single Redis.
+        let clustered = self.client.is_clustered();
+        let mut calls: Vec<Vec<(u32, &[usize])>> = Vec::new();
+        let mut in_last = 0;
         for (b, idx) in by_bucket.iter().enumerate() {
-            for chunk in idx.chunks(1000) {
-                let mut args = vec![Value::from(self.online_key(b as u32))];
-                args.extend(chunk.iter().map(|i| Value::from(user_ids[*i].as_str())));
-                let _: Result<(), _> = pipeline.custom(zmscore.clone(), args).await;
-                asked.push(chunk);
+            for chunk in idx.chunks(ONLINE_CHUNK) {
+                if clustered || calls.is_empty() || in_last + chunk.len() > ONLINE_CHUNK {
+                    calls.push(Vec::new());
+                    in_last = 0;
+                }
+                in_last += chunk.len();
+                if let Some(call) = calls.last_mut() {
+                    call.push((b as u32, chunk));
+                }
             }
         }
+        let requests = calls
+            .iter()
+            .map(|groups| {
+                let keys = groups.iter().map(|(b, _)| self.online_key(*b)).collect();
+                let mut args: Vec<Value> = groups
+                    .iter()
+                    .map(|(_, chunk)| Value::from(chunk.len() as i64))
+                    .collect();
+                args.extend(
+                    groups
+                        .iter()
+                        .flat_map(|(_, chunk)| chunk.iter())
+                        .map(|i| Value::from(user_ids[*i].as_str())),
+                );
+                (keys, args)
+            })
+            .collect();
+        let replies = self
+            .eval_many(&self.online, requests)
+            .await
+            .map_err(unavailable)?;
         let mut out = vec![false; user_ids.len()];
-        let replies = pipeline.try_all::<Value>().await;
-        for (chunk, reply) in asked.into_iter().zip(replies) {
-            let scores = reply.map_err(unavailable)?.into_array();
-            for (i, score) in chunk.iter().zip(scores) {
-                out[*i] = !score.is_null();
+        for (groups, reply) in calls.iter().zip(replies) {
+            let flags = reply.into_array();
+            let asked = groups.iter().flat_map(|(_, chunk)| chunk.iter());
+            for (i, flag) in asked.zip(flags) {
+                out[*i] = flag.as_i64() == Some(1);
             }
         }
         Ok(out)
