@@ -136,6 +136,15 @@ return out
 "#
 );
 
+/// Indices of `users`, grouped by their presence bucket (index = bucket).
+fn by_bucket<'a>(users: impl Iterator<Item = &'a str>) -> Vec<Vec<usize>> {
+    let mut out = vec![Vec::new(); BUCKETS as usize];
+    for (i, u) in users.enumerate() {
+        out[bucket_of(u) as usize].push(i);
+    }
+    out
+}
+
 pub struct RedisPresence {
     prefix: String,
     client: Client,
@@ -255,10 +264,7 @@ impl Presence for RedisPresence {
 
     async fn refresh(&self, entries: &[(String, String)], ttl: Duration) -> BusResult<()> {
         let ttl = ttl.as_millis() as i64;
-        let mut by_bucket: Vec<Vec<&(String, String)>> = vec![Vec::new(); BUCKETS as usize];
-        for entry in entries {
-            by_bucket[bucket_of(&entry.0) as usize].push(entry);
-        }
+        let by_bucket = by_bucket(entries.iter().map(|(user, _)| user.as_str()));
         // One call per bucket and chunk (a call's keys share the bucket's
         // hash tag), all of them in one pipeline.
         let mut calls = Vec::new();
@@ -268,7 +274,7 @@ impl Presence for RedisPresence {
                 let mut args = Vec::with_capacity(chunk.len() * 2 + 1);
                 keys.push(self.online_key(b as u32));
                 args.push(Value::from(ttl));
-                for (user, member) in chunk {
+                for (user, member) in chunk.iter().map(|i| &entries[*i]) {
                     keys.push(format!("{}{user}", self.conns_prefix(b as u32)));
                     args.push(Value::from(member.as_str()));
                     args.push(Value::from(user.as_str()));
@@ -333,10 +339,7 @@ impl Presence for RedisPresence {
         if user_ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut by_bucket: Vec<Vec<usize>> = vec![Vec::new(); BUCKETS as usize];
-        for (i, u) in user_ids.iter().enumerate() {
-            by_bucket[bucket_of(u) as usize].push(i);
-        }
+        let by_bucket = by_bucket(user_ids.iter().map(String::as_str));
         // Calls of (bucket, its users' indices) groups: one group per call on
         // a cluster (a script stays in one slot), as many groups as fit in
         // ONLINE_CHUNK users on a single Redis.

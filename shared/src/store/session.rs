@@ -63,28 +63,23 @@ impl Store {
             member: Option<String>,
         }
         let backend = self.backend();
-        let (limit, max) = (limit as i64, presence_max as i64);
-        let (sql, values): (String, Vec<sea_orm::Value>) = match backend {
-            DatabaseBackend::Postgres => (
-                format!(
-                    "{} {}",
-                    mine("$1", "$2", "$3", "$3", "$3"),
-                    POSTGRES_MEMBERS
-                ),
-                vec![user_id.into(), limit.into(), max.into()],
-            ),
-            // `?` placeholders are bound in order of appearance.
-            _ => (
-                format!("{} {}", mine("?", "?", "?", "?", "?"), SQLITE_MEMBERS),
-                vec![
-                    max.into(),
-                    max.into(),
-                    max.into(),
-                    user_id.into(),
-                    limit.into(),
-                ],
-            ),
+        // Numbered placeholders: `$n` on PostgreSQL, `?n` on SQLite.
+        let p = if backend == DatabaseBackend::Postgres {
+            "$"
+        } else {
+            "?"
         };
+        let members = if backend == DatabaseBackend::Postgres {
+            POSTGRES_MEMBERS
+        } else {
+            SQLITE_MEMBERS
+        };
+        let sql = format!("{} {members}", mine(p));
+        let values: Vec<sea_orm::Value> = vec![
+            user_id.into(),
+            (limit as i64).into(),
+            (presence_max as i64).into(),
+        ];
         let rows = Row::find_by_statement(Statement::from_sql_and_values(backend, sql, values))
             .all(&self.db)
             .await?;
@@ -101,20 +96,19 @@ impl Store {
     }
 }
 
-/// The user's channels (`user`, at most `limit`), their positions, and
-/// whether each has at most `max` members (`max` three times, for the three
-/// places it appears). Its position comes from the `(channel_id, seq)`
-/// unique index.
-fn mine(user: &str, limit: &str, max_on: &str, max_count: &str, max_cmp: &str) -> String {
+/// The user's channels (`{p}1`, at most `{p}2`), their positions, and
+/// whether each has at most `{p}3` members (`p`: the placeholder prefix).
+/// Its position comes from the `(channel_id, seq)` unique index.
+fn mine(p: &str) -> String {
     format!(
         "SELECT mine.channel_id, mine.position, cm.user_id AS member FROM ( \
            SELECT m.channel_id, m.joined_at, \
              COALESCE((SELECT MAX(x.seq) FROM messages x WHERE x.channel_id = m.channel_id), 0) \
                AS position, \
-             ({max_on} > 0 AND (SELECT COUNT(*) FROM (SELECT 1 FROM channel_members c \
-               WHERE c.channel_id = m.channel_id LIMIT {max_count} + 1) AS n) <= {max_cmp}) AS small \
-           FROM channel_members m WHERE m.user_id = {user} \
-           ORDER BY m.joined_at, m.channel_id LIMIT {limit} \
+             ({p}3 > 0 AND (SELECT COUNT(*) FROM (SELECT 1 FROM channel_members c \
+               WHERE c.channel_id = m.channel_id LIMIT {p}3 + 1) AS n) <= {p}3) AS small \
+           FROM channel_members m WHERE m.user_id = {p}1 \
+           ORDER BY m.joined_at, m.channel_id LIMIT {p}2 \
          ) AS mine"
     )
 }
