@@ -149,6 +149,33 @@ async fn online_offline(p: &dyn Presence, tag: &str) {
     assert_eq!(p.online(&users).await.expect("online"), [false, true]);
 }
 
+/// One sweep covers every bucket: users of all buckets whose sockets
+/// expired are each reported once, and not again.
+async fn sweep_of_many(p: &dyn Presence, tag: &str) {
+    let short = Duration::from_millis(300);
+    let users: Vec<String> = (0..60).map(|i| format!("{tag}-sw{i}")).collect();
+    for u in &users {
+        assert!(accepted(
+            p.claim(u, "dead:s", 0, short).await.expect("claim")
+        ));
+    }
+    tokio::time::sleep(short * 2).await;
+    let gone = p.sweep(1000).await.expect("sweep");
+    for u in &users {
+        assert_eq!(
+            gone.iter().filter(|g| &g.user_id == u).count(),
+            1,
+            "{u} swept once: {gone:?}"
+        );
+    }
+    let again = p.sweep(1000).await.expect("sweep");
+    assert!(
+        again.iter().all(|g| !users.contains(&g.user_id)),
+        "{again:?}"
+    );
+    assert!(p.online(&users).await.expect("online").iter().all(|o| !o));
+}
+
 /// A node's heartbeat refreshes all its entries at once (several users per
 /// bucket, several sockets per user, every bucket): each outlives its TTL
 /// while refreshed; an entry left out expires.
@@ -206,6 +233,7 @@ async fn memory_connections() {
     cap_release_expire(&p, "u").await;
     online_offline(&p, "mem").await;
     heartbeat_of_many(&p, "mem").await;
+    sweep_of_many(&p, "mem").await;
     online_of_many(&p, "mem").await;
 }
 
@@ -218,6 +246,7 @@ async fn redis_connections() {
     cap_release_expire(&p, "u").await;
     online_offline(&p, "redis").await;
     heartbeat_of_many(&p, "redis").await;
+    sweep_of_many(&p, "redis").await;
     online_of_many(&p, "redis").await;
     let _ = std::process::Command::new("sh")
         .args([

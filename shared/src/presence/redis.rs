@@ -114,22 +114,30 @@ return out
 /// at most).
 const ONLINE_CHUNK: usize = 1000;
 
-/// KEYS: online (one bucket). ARGV: the bucket's conns key prefix, max.
-/// Returns {now, users gone offline...}.
+/// Takes offline the users due in some buckets, in one call. KEYS: the
+/// buckets' online indexes. ARGV: max users per bucket, then each bucket's
+/// conns key prefix in key order. Returns {now, users gone offline...}. On a
+/// single Redis one call covers every bucket (one `EVALSHA` per sweep
+/// instead of one per bucket, each of which the client writes with a system
+/// call of its own); on a cluster each call holds one bucket (one slot).
 const SWEEP_LUA: &str = concat!(
     now_lua!(),
     r#"
-local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[2]))
+local max = tonumber(ARGV[1])
 local out = {now}
-for _, u in ipairs(due) do
-  local k = ARGV[1] .. u
-  redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
-  local top = redis.call('ZRANGE', k, -1, -1, 'WITHSCORES')
-  if #top == 0 then
-    redis.call('ZREM', KEYS[1], u)
-    out[#out + 1] = u
-  else
-    redis.call('ZADD', KEYS[1], top[2], u)
+for i = 1, #KEYS do
+  local prefix = ARGV[i + 1]
+  local due = redis.call('ZRANGEBYSCORE', KEYS[i], '-inf', now, 'LIMIT', 0, max)
+  for _, u in ipairs(due) do
+    local k = prefix .. u
+    redis.call('ZREMRANGEBYSCORE', k, '-inf', now)
+    local top = redis.call('ZRANGE', k, -1, -1, 'WITHSCORES')
+    if #top == 0 then
+      redis.call('ZREM', KEYS[i], u)
+      out[#out + 1] = u
+    else
+      redis.call('ZADD', KEYS[i], top[2], u)
+    end
   end
 end
 return out
@@ -310,14 +318,18 @@ impl Presence for RedisPresence {
 
     async fn sweep(&self, max: usize) -> BusResult<Vec<WentOffline>> {
         let per_bucket = max.div_ceil(BUCKETS as usize).max(1) as i64;
-        let calls = (0..BUCKETS)
-            .map(|b| {
-                (
-                    vec![self.online_key(b)],
-                    vec![Value::from(self.conns_prefix(b)), Value::from(per_bucket)],
-                )
-            })
-            .collect();
+        let call = |buckets: &[u32]| {
+            let keys = buckets.iter().map(|b| self.online_key(*b)).collect();
+            let mut args = vec![Value::from(per_bucket)];
+            args.extend(buckets.iter().map(|b| Value::from(self.conns_prefix(*b))));
+            (keys, args)
+        };
+        let all: Vec<u32> = (0..BUCKETS).collect();
+        let calls = if self.client.is_clustered() {
+            all.chunks(1).map(call).collect()
+        } else {
+            vec![call(&all)]
+        };
         let replies = self
             .eval_many(&self.sweep, calls)
             .await
