@@ -20,14 +20,15 @@
 //! partition on its own connection (`reads`); and fan-out uses sharded
 //! pub/sub (`SPUBLISH`/`SSUBSCRIBE`), so a message goes to one shard and
 //! reaches only the gateways subscribed to its channel. A stream and the
-//! token buckets checked with its appends share a slot
-//! ([`RedisBus::bucket_key`]).
+//! token buckets checked with its appends share a slot (`appends`).
 
+mod appends;
 mod pubsub;
 mod reads;
 mod scripts;
 mod slots;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -38,6 +39,7 @@ use fred::types::scripts::Script;
 use fred::types::CustomCommand;
 use tokio::sync::broadcast;
 
+use appends::{Appends, Request};
 use pubsub::{spawn_forwarder, spawn_resubscriber};
 use reads::ClusterReads;
 use scripts::Scripts;
@@ -58,10 +60,8 @@ const INCOMING_CAPACITY: usize = 4096;
 
 pub struct RedisBus {
     topics: Topics,
-    max_len: u64,
-    /// On a Redis Cluster a script's keys must share a slot: a token bucket
-    /// then lives next to the stream it guards (one bucket per user and
-    /// partition, see [`RedisBus::bucket_key`]).
+    /// On a Redis Cluster a script's keys must share a slot: calls are split
+    /// per slot.
     clustered: bool,
     cmd: Client,
     reader: Client,
@@ -71,6 +71,8 @@ pub struct RedisBus {
     incoming: broadcast::Sender<TopicMessage>,
     gaps: tokio::sync::watch::Sender<u64>,
     scripts: Scripts,
+    /// Appends of all callers, grouped into few script calls (`appends`).
+    appends: Arc<Appends>,
     /// Options of writes a client waits on: fail at once when Redis is down.
     fail_fast: Options,
 }
@@ -117,9 +119,14 @@ impl RedisBus {
         if let Err(e) = scripts.load_all(&cmd).await {
             tracing::warn!(error = %e, "could not preload the Lua scripts");
         }
+        let appends = Arc::new(Appends::new(
+            cmd.clone(),
+            scripts.append.clone(),
+            max_len,
+            clustered,
+        ));
         Ok(Self {
             topics: Topics::new(prefix),
-            max_len,
             clustered,
             cmd,
             reader,
@@ -128,6 +135,7 @@ impl RedisBus {
             incoming,
             gaps,
             scripts,
+            appends,
             fail_fast: fail_fast_options(),
         })
     }
@@ -138,59 +146,18 @@ impl RedisBus {
         self.cmd.clone()
     }
 
-    /// The key of a bucket checked with an append to `stream`: on a Redis
-    /// Cluster, hash-tagged with the stream's name so both share a slot.
-    fn bucket_key(&self, limit: &RateLimit, stream: &str) -> String {
-        if self.clustered {
-            format!("{}:{{{}}}", limit.key, stream)
-        } else {
-            limit.key.clone()
-        }
-    }
-
-    /// Appends `entries` in one pipeline of `APPEND_LUA` calls, each with the
-    /// bucket of `limit` when given.
-    async fn append_pipelined(
+    /// Appends `entries` (each checked against `limit` when given) through
+    /// the shared [`Appends`]: with the appends of other callers in one call.
+    async fn append_entries(
         &self,
         entries: Vec<(u32, Bytes)>,
-        limit: Option<&RateLimit>,
+        limit: Option<RateLimit>,
     ) -> Vec<BusResult<String>> {
-        let calls = entries
+        let entries = entries
             .into_iter()
-            .map(|(partition, payload)| {
-                let stream = self.topics.stream(partition);
-                let mut keys = vec![stream];
-                let mut args = vec![Value::from(self.max_len as i64), Value::Bytes(payload)];
-                if let Some(l) = limit {
-                    keys.push(self.bucket_key(l, &keys[0]));
-                    args.extend([
-                        Value::from(l.per_s.to_string()),
-                        Value::from(l.burst.to_string()),
-                        Value::from(l.idle_ttl_ms() as i64),
-                    ]);
-                }
-                (&self.scripts.append, keys, args)
-            })
+            .map(|(partition, payload)| (self.topics.stream(partition), payload))
             .collect();
-        // A call refused with NOSCRIPT appended nothing, so running it again
-        // (what `eval_pipelined` does) cannot duplicate an entry.
-        eval_pipelined(&self.cmd, calls)
-            .await
-            .into_iter()
-            .map(|r| match r {
-                Ok(Value::Null) => Err(BusError::Full),
-                Ok(v) => {
-                    let reply = v.as_string().unwrap_or_default();
-                    match reply.strip_prefix("rl:") {
-                        Some(ms) => Err(BusError::RateLimited {
-                            retry_after_ms: ms.parse().unwrap_or(1000),
-                        }),
-                        None => Ok(reply),
-                    }
-                }
-                Err(e) => Err(unavailable(e)),
-            })
-            .collect()
+        self.appends.append(Request { entries, limit }).await
     }
 
     async fn ensure_group(&self, partition: u32) -> BusResult<()> {
@@ -504,31 +471,14 @@ fn parse_entries(value: Value, deliveries: u64) -> Vec<StreamEntry> {
 #[async_trait]
 impl Bus for RedisBus {
     async fn append(&self, partition: u32, payload: Bytes) -> BusResult<String> {
-        let key = self.topics.stream(partition);
-        let res: Result<Option<String>, _> = self
-            .run(
-                &self.scripts.append,
-                true,
-                vec![key.clone()],
-                vec![Value::from(self.max_len as i64), Value::Bytes(payload)],
-            )
-            .await;
-        match res {
-            Ok(Some(id)) => Ok(id),
-            Ok(None) => Err(BusError::Full),
-            Err(e) => Err(unavailable(e)),
-        }
+        self.append_entries(vec![(partition, payload)], None)
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(unavailable("append: no result")))
     }
 
     async fn append_many(&self, entries: Vec<(u32, Bytes)>) -> Vec<BusResult<String>> {
-        if entries.len() <= 1 {
-            let mut out = Vec::new();
-            for (p, payload) in entries {
-                out.push(self.append(p, payload).await);
-            }
-            return out;
-        }
-        self.append_pipelined(entries, None).await
+        self.append_entries(entries, None).await
     }
 
     async fn take_token(&self, limit: &RateLimit) -> BusResult<Result<(), u64>> {
@@ -553,10 +503,7 @@ impl Bus for RedisBus {
         entries: Vec<(u32, Bytes)>,
         limit: Option<RateLimit>,
     ) -> Vec<BusResult<String>> {
-        match limit {
-            None => self.append_many(entries).await,
-            Some(l) => self.append_pipelined(entries, Some(&l)).await,
-        }
+        self.append_entries(entries, limit).await
     }
 
     async fn read(

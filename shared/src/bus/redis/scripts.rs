@@ -34,26 +34,45 @@ end
     };
 }
 
-/// Appends unless the partition already holds `ARGV[1]` entries. Entries are
-/// deleted once acknowledged, so the length is the unacknowledged backlog.
+/// Appends entries, each unless its partition already holds `ARGV[1]`
+/// entries (entries are deleted once acknowledged, so a stream's length is
+/// its unacknowledged backlog). One call carries the appends of many
+/// sockets (see `super::appends`).
 ///
-/// With a second key, that key is the sender's token bucket (CONTRACT §10,
-/// `RateLimit::take` is the same formula): ARGV[3] tokens per second,
-/// ARGV[4] burst, ARGV[5] idle TTL in ms. An empty bucket answers
-/// `rl:<retry after ms>` (a stream id never starts with `r`), and a full
-/// stream takes no token: the check costs no extra round trip.
+/// KEYS: per entry, its stream, then its sender's token bucket — or the
+/// stream again when the entry is not rate limited (a cluster call's keys
+/// must share one slot). ARGV: the maximum length, then per entry five
+/// values: payload, `1` when limited (else `0`), tokens per second, burst,
+/// idle TTL in ms (CONTRACT §10, `RateLimit::take` is the same formula).
+///
+/// Returns one reply per entry: the stream id; `rl:<retry after ms>` when
+/// the bucket is empty; `full` when the stream is (a stream id starts with
+/// a digit). A full stream takes no token: the check costs no extra round
+/// trip.
 const APPEND_LUA: &str = concat!(
     bucket_lua!(),
     r#"
-local bucket
-if #KEYS > 1 then
-  local tokens, now, retry = bucket_peek(KEYS[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
-  if retry then return 'rl:' .. retry end
-  bucket = {tokens - 1, now}
+local max = tonumber(ARGV[1])
+local out = {}
+for i = 1, #KEYS / 2 do
+  local stream, key = KEYS[2 * i - 1], KEYS[2 * i]
+  local a = 2 + (i - 1) * 5
+  local bucket, reply
+  if ARGV[a + 1] == '1' then
+    local tokens, now, retry = bucket_peek(key, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]))
+    if retry then reply = 'rl:' .. retry else bucket = {tokens - 1, now} end
+  end
+  if not reply then
+    if redis.call('XLEN', stream) >= max then
+      reply = 'full'
+    else
+      if bucket then bucket_store(key, bucket[1], bucket[2], ARGV[a + 4]) end
+      reply = redis.call('XADD', stream, '*', 'p', ARGV[a])
+    end
+  end
+  out[i] = reply
 end
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[1]) then return false end
-if bucket then bucket_store(KEYS[2], bucket[1], bucket[2], ARGV[5]) end
-return redis.call('XADD', KEYS[1], '*', 'p', ARGV[2])
+return out
 "#
 );
 
