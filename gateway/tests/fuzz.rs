@@ -273,6 +273,8 @@ fn malformed(ctx: &Ctx) -> Vec<Frame> {
         "42[\"reaction:add\",{\"messageId\":\"nope\",\"type\":\"\"}]".into(),
         "42[\"message:read\",{\"messageId\":{\"$gt\":\"\"}}]".into(),
         "42[\"__proto__\",{}]".into(),
+        // Not a client event, with an ack id: dropped unanswered.
+        "427[\"message:sent\",{}]".into(),
         "42[\"connection:success\",{}]".into(),
         "42[\"disconnect\"]".into(),
         // Namespaces: bogus, empty, not connected, absurdly long.

@@ -16,6 +16,7 @@ use socketioxide::adapter::LocalAdapter;
 use socketioxide::extract::{AckSender, Event, TryData};
 use socketioxide::handler::{FromMessageParts, Value};
 use socketioxide::socket::Socket;
+use switchboard_shared::protocol::events;
 use tokio::sync::mpsc;
 
 /// One event waiting to be handled.
@@ -44,14 +45,17 @@ impl FromMessageParts<LocalAdapter> for Enqueue {
         let event = Event::from_message_parts(s, v, ack_id)
             .map(|e| e.0)
             .unwrap_or_default();
-        let Ok(TryData(data)) = TryData::<serde_json::Value>::from_message_parts(s, v, ack_id);
-        let Ok(ack) = AckSender::from_message_parts(s, v, ack_id);
+        let Some(label) = client_event(&event) else {
+            // Not a client event of the protocol: dropped unread, unanswered.
+            return Ok(Enqueue);
+        };
         let Some(InboxTx(tx)) = s.extensions.get::<InboxTx>() else {
             // Not authenticated: no inbox, the event is dropped (CONTRACT §2).
             return Ok(Enqueue);
         };
-        metrics::counter!("gateway_events_received_total", "event" => event_label(&event))
-            .increment(1);
+        let Ok(TryData(data)) = TryData::<serde_json::Value>::from_message_parts(s, v, ack_id);
+        let Ok(ack) = AckSender::from_message_parts(s, v, ack_id);
+        metrics::counter!("gateway_events_received_total", "event" => label).increment(1);
         let inbound = Box::new(Inbound {
             event,
             data: data.ok(),
@@ -65,34 +69,30 @@ impl FromMessageParts<LocalAdapter> for Enqueue {
     }
 }
 
-/// The `event` label of `gateway_events_received_total`: the known client
-/// events by name, anything else as "other" (client-chosen names would make
+/// The events a client may send (CONTRACT); they are also the `event`
+/// label of `gateway_events_received_total` (client-chosen names would make
 /// the label set unbounded).
-fn event_label(event: &str) -> &'static str {
-    const KNOWN: [&str; 9] = [
-        "message:send",
-        "channel:leave",
-        "typing:start",
-        "typing:stop",
-        "reaction:add",
-        "reaction:remove",
-        "message:read",
-        "channel:join",
-        "channel:sync",
-    ];
-    KNOWN
-        .iter()
-        .find(|k| **k == event)
-        .copied()
-        .unwrap_or("other")
+const CLIENT_EVENTS: [&str; 9] = [
+    events::MESSAGE_SEND,
+    events::MESSAGE_READ,
+    events::REACTION_ADD,
+    events::REACTION_REMOVE,
+    events::CHANNEL_JOIN,
+    events::CHANNEL_LEAVE,
+    events::CHANNEL_SYNC,
+    events::TYPING_START,
+    events::TYPING_STOP,
+];
+
+/// `event` as one of [`CLIENT_EVENTS`], or `None`.
+fn client_event(event: &str) -> Option<&'static str> {
+    CLIENT_EVENTS.iter().find(|k| **k == event).copied()
 }
 
 /// Answers an event refused because the inbox is full, in the shape of its
 /// area's errors, echoing what identifies it (`tempId`, `messageId`, …).
 fn refuse_full(s: &Arc<Socket<LocalAdapter>>, inbound: Inbound) {
-    use switchboard_shared::protocol::{
-        events, ChannelError, MessageError, MessageFailed, ReactionError,
-    };
+    use switchboard_shared::protocol::{ChannelError, MessageError, MessageFailed, ReactionError};
     const ERROR: &str = "Too many events in flight on this connection, slow down";
     let field = |k: &str| {
         inbound
