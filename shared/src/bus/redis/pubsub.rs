@@ -7,6 +7,7 @@ use fred::clients::SubscriberClient;
 use fred::prelude::*;
 use tokio::sync::broadcast;
 
+use super::slots;
 use crate::bus::TopicMessage;
 
 /// Moves pub/sub messages from fred's channel to ours, so readers depend on
@@ -67,7 +68,7 @@ pub(super) fn spawn_resubscriber(
             }
             let mut delay = Duration::from_millis(50);
             loop {
-                match subscriber.resubscribe_all().await {
+                match resubscribe(&subscriber).await {
                     Ok(()) => {
                         // Whatever was published while the connection was
                         // down is gone: readers repair from the database.
@@ -89,4 +90,31 @@ pub(super) fn spawn_resubscriber(
             }
         }
     });
+}
+
+/// Subscribes again to every tracked channel: plain ones with one
+/// `SUBSCRIBE`, sharded ones with one `SSUBSCRIBE` per slot. Not fred's
+/// `resubscribe_all`, which sends a `SUBSCRIBE` even when no plain channel
+/// is tracked — always the case on a cluster, where fan-out is sharded —
+/// and Redis refuses that ("wrong number of arguments"): seen failing every
+/// retry after a failover, leaving a gateway deaf to the failed-over
+/// shard's channels for good.
+async fn resubscribe(subscriber: &SubscriberClient) -> FredResult<()> {
+    let channels: Vec<String> = subscriber
+        .tracked_channels()
+        .into_iter()
+        .map(|c| c.to_string())
+        .collect();
+    if !channels.is_empty() {
+        subscriber.subscribe(channels).await?;
+    }
+    let sharded: Vec<String> = subscriber
+        .tracked_shard_channels()
+        .into_iter()
+        .map(|c| c.to_string())
+        .collect();
+    for group in slots::split_by_slot(&sharded) {
+        subscriber.ssubscribe(group).await?;
+    }
+    Ok(())
 }
