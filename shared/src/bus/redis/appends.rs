@@ -233,10 +233,13 @@ impl Appends {
                     }
                 }
             }
-            // A send waits on this: fail at once while Redis is down. A call
-            // refused with NOSCRIPT appended nothing, so `evalsha` running
-            // it again cannot duplicate an entry.
-            evalsha::<Value>(&self.client, true, &self.script, keys, args)
+            // Not fail-fast: through a reconnection or a failover the call
+            // waits for the connection (or the slot's new master) within the
+            // client's command timeout, so a send just after a failover is
+            // stored rather than refused. A call refused with NOSCRIPT
+            // appended nothing, so `evalsha` running it again cannot
+            // duplicate an entry.
+            evalsha::<Value>(&self.client, false, &self.script, keys, args)
         }))
         .await;
 
