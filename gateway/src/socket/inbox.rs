@@ -10,7 +10,7 @@
 //! once with an error instead of buffering without bound.
 
 use std::convert::Infallible;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use socketioxide::adapter::LocalAdapter;
 use socketioxide::extract::{AckSender, Event, TryData};
@@ -27,9 +27,42 @@ pub struct Inbound {
     pub ack: AckSender,
 }
 
-/// The sending side of a socket's inbox, kept in the socket's extensions.
-#[derive(Clone)]
-pub struct InboxTx(pub mpsc::Sender<Box<Inbound>>);
+/// A socket's inbox, kept in its extensions (as an `Arc`) once the socket
+/// is authenticated. The channel and the task reading it are created by the
+/// socket's first event: most connections of a chat sit idle most of the
+/// time, and an idle one then holds neither (~1.2 KB: the channel's shared
+/// state and first block, the task). Removing it from the extensions drops
+/// the sender, which ends the task once it has drained.
+pub struct Inbox {
+    capacity: usize,
+    tx: OnceLock<mpsc::Sender<Box<Inbound>>>,
+    /// Spawns the task that reads the channel.
+    start: Box<dyn Fn(mpsc::Receiver<Box<Inbound>>) + Send + Sync>,
+}
+
+impl Inbox {
+    /// An inbox of `capacity` events whose reader `start` spawns.
+    pub fn new(
+        capacity: usize,
+        start: impl Fn(mpsc::Receiver<Box<Inbound>>) + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            capacity,
+            tx: OnceLock::new(),
+            start: Box::new(start),
+        }
+    }
+
+    fn sender(&self) -> &mpsc::Sender<Box<Inbound>> {
+        self.tx.get_or_init(|| {
+            // Boxed events: a channel allocates its slots 32 at a time, 32
+            // boxes are 256 bytes, 32 events 2.6 KB.
+            let (tx, rx) = mpsc::channel(self.capacity);
+            (self.start)(rx);
+            tx
+        })
+    }
+}
 
 /// Extractor whose only job is to enqueue the event, synchronously.
 pub struct Enqueue;
@@ -49,7 +82,7 @@ impl FromMessageParts<LocalAdapter> for Enqueue {
             // Not a client event of the protocol: dropped unread, unanswered.
             return Ok(Enqueue);
         };
-        let Some(InboxTx(tx)) = s.extensions.get::<InboxTx>() else {
+        let Some(inbox) = s.extensions.get::<Arc<Inbox>>() else {
             // Not authenticated: no inbox, the event is dropped (CONTRACT §2).
             return Ok(Enqueue);
         };
@@ -61,7 +94,7 @@ impl FromMessageParts<LocalAdapter> for Enqueue {
             data: data.ok(),
             ack,
         });
-        if let Err(mpsc::error::TrySendError::Full(inbound)) = tx.try_send(inbound) {
+        if let Err(mpsc::error::TrySendError::Full(inbound)) = inbox.sender().try_send(inbound) {
             metrics::counter!("gateway_inbox_full_total").increment(1);
             refuse_full(s, *inbound);
         }

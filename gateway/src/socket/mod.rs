@@ -42,7 +42,7 @@ use switchboard_shared::presence::Claim;
 
 use crate::auth::{AuthError, Identity};
 use crate::state::{channel_room, user_room, App, NAMESPACES};
-use inbox::{Enqueue, Inbound, InboxTx};
+use inbox::{Enqueue, Inbound, Inbox};
 pub use session::Session;
 use session::SessionGuard;
 
@@ -110,6 +110,7 @@ fn client_address(app: &App, s: &SocketRef) -> String {
 /// A weak reference to the socket being connected: what the inbox task
 /// keeps, so that the socket can be freed (and its [`SessionGuard`] run)
 /// even when socketioxide drops it without a disconnect.
+#[derive(Clone)]
 pub struct WeakSocket(Weak<Socket<LocalAdapter>>);
 
 impl FromConnectParts<LocalAdapter> for WeakSocket {
@@ -289,12 +290,21 @@ async fn handshake(
     })
 }
 
-/// Creates the socket's inbox and its task, and routes client events to it.
+/// Gives the socket its inbox (opened by its first event, see [`Inbox`]),
+/// and routes client events to it.
 fn open_inbox(app: &App, s: &SocketRef, handle: WeakSocket, session: Arc<Session>) {
-    // Boxed events: a channel allocates its slots 32 at a time, 32 boxes
-    // are 256 bytes on every idle connection, 32 events 2.6 KB.
-    let (tx, rx) = mpsc::channel::<Box<Inbound>>(app.settings.socket_inbox_capacity);
-    s.extensions.insert(InboxTx(tx));
+    let (start_app, start_session) = (app.clone(), session.clone());
+    s.extensions.insert(Arc::new(Inbox::new(
+        app.settings.socket_inbox_capacity,
+        move |rx| {
+            tokio::spawn(run_inbox(
+                start_app.clone(),
+                handle.clone(),
+                start_session.clone(),
+                rx,
+            ));
+        },
+    )));
     s.extensions.insert(session.clone());
     // One fallback handler rather than one per client event: socketioxide
     // keeps a socket's handlers in a map of its own (~0.7 KB on every
@@ -305,10 +315,9 @@ fn open_inbox(app: &App, s: &SocketRef, handle: WeakSocket, session: Arc<Session
     let disconnect_session = session.clone();
     s.on_disconnect(move |s: SocketRef| async move {
         // Dropping the sender ends the inbox task once it drained.
-        s.extensions.remove::<InboxTx>();
+        s.extensions.remove::<Arc<Inbox>>();
         disconnect_session.close(&disconnect_app).await;
     });
-    tokio::spawn(run_inbox(app.clone(), handle, session, rx));
 }
 
 /// Most events the inbox takes in one go (consecutive sends share one
