@@ -19,6 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use futures::future::join_all;
 use switchboard_shared::bus::Bus;
 use tokio_util::sync::CancellationToken;
 
@@ -177,9 +178,19 @@ impl Leases {
             Err(e) => tracing::warn!(error = %e, "heartbeat failed"),
         }
         let held: Vec<u32> = self.lock().held.keys().copied().collect();
-        for p in held {
-            let started = Instant::now();
-            match self.bus.renew_lease(p, &self.worker, self.ttl).await {
+        // All renewals at once, then all backlog reads: fred pipelines
+        // concurrent commands on its connection, so the keeper waits for one
+        // round trip of each instead of two per held partition, and no
+        // renewal waits behind the others' (a late renewal shortens the
+        // time a stalled worker may keep acting, see `grace`).
+        let started = Instant::now();
+        let renewals = join_all(
+            held.iter()
+                .map(|&p| self.bus.renew_lease(p, &self.worker, self.ttl)),
+        )
+        .await;
+        for (&p, renewal) in held.iter().zip(renewals) {
+            match renewal {
                 Ok(true) => {
                     if let Some(h) = self.lock().held.get_mut(&p) {
                         h.valid_until = started + self.grace();
@@ -193,7 +204,10 @@ impl Leases {
                 // Unknown: keep acting until `valid_until`, then stop.
                 Err(e) => tracing::warn!(partition = p, error = %e, "lease renewal failed"),
             }
-            if let Ok(b) = self.bus.backlog_stats(p).await {
+        }
+        let backlogs = join_all(held.iter().map(|&p| self.bus.backlog_stats(p))).await;
+        for (&p, backlog) in held.iter().zip(backlogs) {
+            if let Ok(b) = backlog {
                 metrics::gauge!("worker_stream_backlog", "partition" => p.to_string())
                     .set(b.entries as f64);
                 metrics::gauge!("worker_stream_oldest_pending_age_seconds", "partition" => p.to_string())
@@ -227,9 +241,11 @@ impl Leases {
     /// Releases every lease and leaves the live set (clean shutdown).
     pub async fn release_all(&self) {
         let held: Vec<u32> = std::mem::take(&mut self.lock().held).into_keys().collect();
-        for p in held {
-            let _ = self.bus.release_lease(p, &self.worker).await;
-        }
+        join_all(
+            held.iter()
+                .map(|&p| self.bus.release_lease(p, &self.worker)),
+        )
+        .await;
         let _ = self.bus.leave(&self.worker).await;
     }
 }
