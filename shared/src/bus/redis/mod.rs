@@ -67,6 +67,8 @@ pub struct RedisBus {
     reader: Client,
     /// On a cluster: a connection per partition read (see `reads`).
     cluster_reads: Option<ClusterReads>,
+    /// On a single Redis: the last read's arguments, for the next read.
+    read_args: reads::ReadArgs,
     subscriber: SubscriberClient,
     incoming: broadcast::Sender<TopicMessage>,
     gaps: tokio::sync::watch::Sender<u64>,
@@ -131,6 +133,7 @@ impl RedisBus {
             cmd,
             reader,
             cluster_reads,
+            read_args: reads::ReadArgs::default(),
             subscriber,
             incoming,
             gaps,
@@ -171,15 +174,12 @@ impl RedisBus {
         max: usize,
         block: Duration,
     ) -> Result<Value, fred::error::Error> {
-        let streams: Vec<String> = partitions.iter().map(|p| self.topics.stream(*p)).collect();
-        let args = reads::xreadgroup_args(GROUP, consumer, max, block, &streams);
-        let first = streams.first();
+        let (args, slot) =
+            self.read_args
+                .get(&self.topics, GROUP, partitions, consumer, max, block);
         self.reader
             .with_options(&reads::read_options(block))
-            .custom(
-                CustomCommand::new_static("XREADGROUP", first.map(|s| slots::slot(s)), true),
-                args,
-            )
+            .custom(CustomCommand::new_static("XREADGROUP", slot, true), args)
             .await
     }
 

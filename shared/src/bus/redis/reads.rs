@@ -1,7 +1,8 @@
-//! A worker's stream reads on a Redis Cluster.
+//! A worker's stream reads.
 //!
 //! On a single Redis one blocking `XREADGROUP` covers every partition a
-//! worker holds. On a cluster the streams live in different slots (that is
+//! worker holds, and its arguments are kept for the next read
+//! ([`ReadArgs`]). On a cluster the streams live in different slots (that is
 //! the point: they spread over the shards), and one command may only name
 //! keys of one slot. So each held partition gets its own blocking read, on
 //! its own connection (a blocked connection holds up everything queued
@@ -146,6 +147,61 @@ pub(super) async fn xreadgroup(
         .await
 }
 
+/// The arguments of a worker's last read on a single Redis, kept for the
+/// next one. A worker reads the same partitions again and again (its held
+/// set changes only on a rebalance), and building the arguments — a stream
+/// name formatted per partition and a string value per argument — was most
+/// of the worker's own work per read (~28 k of its ~37 k instructions,
+/// BENCHMARKS.md "Issue 9, fifth pass"); a clone of the kept arguments
+/// only bumps reference counts.
+#[derive(Default)]
+pub(super) struct ReadArgs {
+    last: std::sync::Mutex<Option<Kept>>,
+}
+
+struct Kept {
+    partitions: Vec<u32>,
+    consumer: String,
+    max: usize,
+    block: Duration,
+    args: Vec<Value>,
+    /// Hash slot of the first stream (the command's routing key).
+    slot: Option<u16>,
+}
+
+impl ReadArgs {
+    /// The `XREADGROUP` arguments for these partitions, and the slot of the
+    /// first stream.
+    pub fn get(
+        &self,
+        topics: &Topics,
+        group: &str,
+        partitions: &[u32],
+        consumer: &str,
+        max: usize,
+        block: Duration,
+    ) -> (Vec<Value>, Option<u16>) {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(k) = last.as_ref().filter(|k| {
+            k.partitions == partitions && k.consumer == consumer && k.max == max && k.block == block
+        }) {
+            return (k.args.clone(), k.slot);
+        }
+        let streams: Vec<String> = partitions.iter().map(|p| topics.stream(*p)).collect();
+        let kept = Kept {
+            partitions: partitions.to_vec(),
+            consumer: consumer.to_string(),
+            max,
+            block,
+            args: xreadgroup_args(group, consumer, max, block, &streams),
+            slot: streams.first().map(|s| slots::slot(s)),
+        };
+        let out = (kept.args.clone(), kept.slot);
+        *last = Some(kept);
+        out
+    }
+}
+
 /// The arguments of `XREADGROUP GROUP … BLOCK … STREAMS <streams> > …`.
 pub(super) fn xreadgroup_args(
     group: &str,
@@ -198,5 +254,51 @@ pub(super) async fn ensure_group(client: &Client, stream: &str, group: &str) -> 
         Ok(_) => Ok(()),
         Err(e) if e.details().contains("BUSYGROUP") => Ok(()),
         Err(e) => Err(BusError::Unavailable(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn strings(args: &[Value]) -> Vec<String> {
+        args.iter()
+            .map(|v| v.as_string().unwrap_or_default())
+            .collect()
+    }
+
+    /// The kept arguments are reused only for the same read: another held
+    /// set, consumer, count or block time builds them anew.
+    #[test]
+    fn read_args_follow_the_held_partitions() {
+        let topics = Topics::new("t");
+        let block = Duration::from_millis(250);
+        let kept = ReadArgs::default();
+        let (first, slot) = kept.get(&topics, "g", &[0, 1], "w1", 10, block);
+        assert_eq!(
+            strings(&first),
+            [
+                "GROUP",
+                "g",
+                "w1",
+                "COUNT",
+                "10",
+                "BLOCK",
+                "250",
+                "STREAMS",
+                "t:stream:0",
+                "t:stream:1",
+                ">",
+                ">"
+            ]
+        );
+        assert_eq!(slot, Some(slots::slot("t:stream:0")));
+        assert_eq!(kept.get(&topics, "g", &[0, 1], "w1", 10, block).0, first);
+
+        let (other, slot) = kept.get(&topics, "g", &[2], "w1", 10, block);
+        assert_eq!(&strings(&other)[8..], ["t:stream:2", ">"]);
+        assert_eq!(slot, Some(slots::slot("t:stream:2")));
+        let (other, _) = kept.get(&topics, "g", &[2], "w2", 5, block);
+        assert_eq!(&strings(&other)[..5], ["GROUP", "g", "w2", "COUNT", "5"]);
     }
 }
