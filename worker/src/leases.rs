@@ -265,8 +265,8 @@ impl Leases {
 /// How often the keeper refreshes the backlog gauges (`worker_stream_backlog`,
 /// `worker_stream_oldest_pending_age_seconds`): they feed alerts over minutes
 /// and are scraped every 15 s or so, while renewals run every `LEASE_TTL_MS`/3
-/// (~0.7 s); reading every held stream at that pace was a third of an idle
-/// worker's Redis work.
+/// (~0.7 s); reading every held stream at that pace was about a fifth of an
+/// idle cluster's Redis calls.
 const BACKLOG_GAUGES_EVERY: Duration = Duration::from_secs(5);
 
 /// Longest time between two rebalances: how soon a worker notices partitions

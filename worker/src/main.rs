@@ -14,7 +14,7 @@ mod probes;
 /// short-lived buffers (entries, rows, payloads, Redis frames), and glibc's
 /// allocator was a fifth of the worker's instructions. With mimalloc the
 /// worker runs ~20 % fewer instructions per message (`loadtest/instructions.sh`,
-/// BENCHMARKS.md "Instructions per message"). The gateway keeps glibc: there
+/// BENCHMARKS.md "Issue 9, fifth pass"). The gateway keeps glibc: there
 /// mimalloc saves ~12 % of the instructions but holds ~9 % more memory per
 /// idle connection, and a gateway is sized by its connections' memory.
 #[global_allocator]

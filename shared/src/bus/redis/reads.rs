@@ -160,6 +160,7 @@ pub(super) struct ReadArgs {
 }
 
 struct Kept {
+    group: String,
     partitions: Vec<u32>,
     consumer: String,
     max: usize,
@@ -183,12 +184,17 @@ impl ReadArgs {
     ) -> (Vec<Value>, Option<u16>) {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(k) = last.as_ref().filter(|k| {
-            k.partitions == partitions && k.consumer == consumer && k.max == max && k.block == block
+            k.group == group
+                && k.partitions == partitions
+                && k.consumer == consumer
+                && k.max == max
+                && k.block == block
         }) {
             return (k.args.clone(), k.slot);
         }
         let streams: Vec<String> = partitions.iter().map(|p| topics.stream(*p)).collect();
         let kept = Kept {
+            group: group.to_string(),
             partitions: partitions.to_vec(),
             consumer: consumer.to_string(),
             max,
@@ -268,7 +274,7 @@ mod tests {
     }
 
     /// The kept arguments are reused only for the same read: another held
-    /// set, consumer, count or block time builds them anew.
+    /// set, group, consumer, count or block time builds them anew.
     #[test]
     fn read_args_follow_the_held_partitions() {
         let topics = Topics::new("t");
@@ -300,5 +306,7 @@ mod tests {
         assert_eq!(slot, Some(slots::slot("t:stream:2")));
         let (other, _) = kept.get(&topics, "g", &[2], "w2", 5, block);
         assert_eq!(&strings(&other)[..5], ["GROUP", "g", "w2", "COUNT", "5"]);
+        let (other, _) = kept.get(&topics, "h", &[2], "w2", 5, block);
+        assert_eq!(&strings(&other)[..2], ["GROUP", "h"]);
     }
 }
