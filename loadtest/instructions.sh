@@ -11,8 +11,14 @@
 # to its channel's members on this gateway, with SENT and DELIVERED to its sender).
 #
 #   loadtest/instructions.sh            (N=200 sockets, RATE=40 msg/s, DUR=15 s)
+#   COUNT=syscalls loadtest/instructions.sh
 #
-# Env: N, RATE, DUR, REDIS_PORT (6390), WORK (/tmp/switchboard-side-by-side), BIN (target/release),
+# COUNT=syscalls counts the measured process' system calls instead (`strace -c -f` attached over
+# the same window, the process running natively): the kernel's side of the cost (frames written,
+# Redis and database round trips, wake-ups), which instructions do not show and which is a third
+# to a half of a gateway's CPU at everyday load. Counts per message, by call.
+#
+# Env: COUNT (instructions), N, RATE, DUR, REDIS_PORT (6390), WORK (/tmp/switchboard-side-by-side), BIN (target/release),
 # and any gateway setting. Needs valgrind, target/release binaries, local PostgreSQL (postgres, trust).
 # Takes about a minute; the same binaries give the same figure within ~2 % run to run.
 set -uo pipefail
@@ -25,7 +31,12 @@ PG=postgres://postgres@127.0.0.1:5432; DB=sbinstr
 PORT=3022
 # shellcheck source=lib.sh
 . "$root/loadtest/lib.sh"
-command -v valgrind >/dev/null || { echo "instructions.sh: valgrind is missing (apt-get install valgrind)" >&2; exit 1; }
+COUNT=${COUNT:-instructions}
+case "$COUNT" in
+instructions) command -v valgrind >/dev/null || { echo "instructions.sh: valgrind is missing (apt-get install valgrind)" >&2; exit 1; } ;;
+syscalls) command -v strace >/dev/null || { echo "instructions.sh: strace is missing (apt-get install strace)" >&2; exit 1; } ;;
+*) echo "instructions.sh: COUNT is instructions or syscalls" >&2; exit 2 ;;
+esac
 mkdir -p "$work"
 private_redis "$R" "$work" >/dev/null
 psql -qAt "$PG/postgres" -c "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1
@@ -38,12 +49,14 @@ grind() { exec nohup valgrind --tool=callgrind --callgrind-out-file="$out" "$@";
 plain() { exec nohup "$@"; }
 gw_run=grind; wk_run=plain
 [ "$WHICH" = worker ] && { gw_run=plain; wk_run=grind; }
+[ "$COUNT" = syscalls ] && { gw_run=plain; wk_run=plain; }
 METRICS_PORT=9322 NODE_ID=worker-instr $wk_run "$bin/switchboard-worker" >"$work/instr-worker.log" 2>&1 &
 wpid=$!
 PORT=$PORT NODE_ID=gateway-instr $gw_run "$bin/switchboard-gateway" >"$work/instr-gw.log" 2>&1 &
 gpid=$!
 measured=$gpid; [ "$WHICH" = worker ] && measured=$wpid
-cleanup() { kill -TERM "$gpid" "$wpid" 2>/dev/null; wait "$gpid" "$wpid" 2>/dev/null; }
+trace=$work/instr.strace; tpid=
+cleanup() { [ -n "$tpid" ] && kill -INT "$tpid" 2>/dev/null; kill -TERM "$gpid" "$wpid" 2>/dev/null; wait "$gpid" "$wpid" 2>/dev/null; }
 trap cleanup EXIT
 for _ in $(seq 600); do curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null && break; sleep 0.1; done
 curl -sf "http://127.0.0.1:$PORT/readyz" >/dev/null || { echo "instructions.sh: gateway not ready; see $work/instr-gw.log" >&2; exit 1; }
@@ -62,12 +75,28 @@ done
 until [ "${w:=$(metric gateway_messages_accepted_total)}" -ge "$RATE" ] 2>/dev/null; do
   unset w; kill -0 "$load" 2>/dev/null || break; sleep 0.2
 done
-callgrind_control -z "$measured" >/dev/null
+if [ "$COUNT" = syscalls ]; then
+  rm -f "$trace"; strace -c -f -p "$measured" -o "$trace" 2>/dev/null & tpid=$!
+  sleep 0.5   # attached
+else
+  callgrind_control -z "$measured" >/dev/null
+fi
 a0=$(metric gateway_messages_accepted_total); a0=${a0:-0}
 wait "$load"
-callgrind_control -d "$measured" >/dev/null
 a1=$(metric gateway_messages_accepted_total)
 grep -E "^  sent|^  lost|send → message:created" "$work/instr-load.txt"
+if [ "$COUNT" = syscalls ]; then
+  kill -INT "$tpid"; wait "$tpid" 2>/dev/null; tpid=
+  [ -s "$trace" ] || { echo "instructions.sh: strace wrote nothing ($trace)" >&2; exit 1; }
+  # strace -c: % time, seconds, usecs/call, calls, [errors,] syscall; the busiest calls first
+  # (those under 0.05 per message left out of the list, not of the total).
+  awk '$1 ~ /^[0-9.]+$/ { print $4, $NF }' "$trace" | sort -rn | awk -v w="$WHICH" -v a="$((a1 - a0))" '
+    $2 == "total" { total = $1; next }
+    $1 / a >= 0.05 { line = line sprintf("%s%s %.1f", (line == "" ? "" : ", "), $2, $1 / a) }
+    END { printf "%s system calls: %d for %d accepted messages: %.1f per message (%s)\n", w, total, a, total / a, line }'
+  exit 0
+fi
+callgrind_control -d "$measured" >/dev/null
 ir=$(callgrind_annotate "$out.1" 2>/dev/null | awk '/PROGRAM TOTALS/ { gsub(",", "", $1); print $1 }')
 [ -n "$ir" ] || { echo "instructions.sh: no callgrind dump ($out.1); see $work/instr-*.log" >&2; exit 1; }
 awk -v w="$WHICH" -v ir="$ir" -v a="$((a1 - a0))" 'BEGIN {
