@@ -141,9 +141,11 @@ impl Pending {
             ..
         } = entry;
         let _deliver = tracing::debug_span!(parent: &span, "deliver").entered();
-        let reply = |body: serde_json::Value| {
+        // The acknowledgement's body is built only for a client that asked
+        // for one (load generators and most UIs listen to the events).
+        let reply = |body: &dyn Fn() -> serde_json::Value| {
             if let Some(ack) = ack {
-                let _ = ack.send(&body);
+                let _ = ack.send(&body());
             }
         };
         match (kind, result) {
@@ -158,7 +160,7 @@ impl Pending {
                         timestamp: now,
                     },
                 );
-                reply(json!({"status": "DELIVERED", "messageId": message_id.to_string()}));
+                reply(&|| json!({"status": "DELIVERED", "messageId": message_id.to_string()}));
             }
             (Kind::Message { temp_id }, result) => {
                 let error = error_of(result);
@@ -167,10 +169,10 @@ impl Pending {
                     events::MESSAGE_FAILED,
                     &MessageFailed::new(error.clone(), temp_id),
                 );
-                reply(json!({"status": "FAILED", "error": error}));
+                reply(&|| json!({"status": "FAILED", "error": error}));
             }
             (Kind::Reaction { message_id, kind }, OutcomeResult::Done) => {
-                reply(json!({"ok": true, "messageId": message_id, "type": kind}));
+                reply(&|| json!({"ok": true, "messageId": message_id, "type": kind}));
             }
             (Kind::Reaction { message_id, kind }, result) => {
                 let error = error_of(result);
@@ -182,10 +184,10 @@ impl Pending {
                         error: error.clone(),
                     },
                 );
-                reply(json!({"ok": false, "error": error}));
+                reply(&|| json!({"ok": false, "error": error}));
             }
             (Kind::Read { message_id }, OutcomeResult::Done) => {
-                reply(json!({"ok": true, "messageId": message_id}));
+                reply(&|| json!({"ok": true, "messageId": message_id}));
             }
             (Kind::Read { message_id }, result) => {
                 let error = error_of(result);
@@ -196,7 +198,7 @@ impl Pending {
                         error: error.clone(),
                     },
                 );
-                reply(json!({"ok": false, "error": error}));
+                reply(&|| json!({"ok": false, "error": error}));
             }
         }
     }
