@@ -4,7 +4,8 @@
 # independent generator of ../shared/anchors/load with the same command, on a private redis-server
 # (REDIS_PORT, default 6390). CPU is read from /proc by PID: the servers, that Redis, and the
 # PostgreSQL backends of the run's database, so other work on the machine does not count; the
-# generator's own CPU is excluded.
+# generator's own CPU is excluded. Each side's line ends with its CPU per 1,000 persisted messages; with
+# `all` the last lines give target 1's ratios (the reference's CPU per message over ours), from this one run.
 #
 #   loadtest/side-by-side.sh [all|sb|ref|embedded]      (DUR=30 by default)
 #
@@ -30,8 +31,13 @@ run_load() { # name targets server-pids(comma) db
   (cd "$LOAD" && node src/cli.js --keys "$keys" --targets "$targets" $CMD --server-pids "$spids" >"$out/$name.txt" 2>&1)
   ticks ${spids//,/ } >"$out/$name.s1"; ticks "$rpid" >"$out/$name.r1"; ticks $(pg_pids "$db") >"$out/$name.p1"
   redis-cli -p "$R" INFO commandstats >"$out/$name-redis.txt"
-  echo "== $name: servers $(cpu_diff "$out/$name.s0" "$out/$name.s1") s, redis $(cpu_diff "$out/$name.r0" "$out/$name.r1") s," \
-    "postgres $(cpu_diff "$out/$name.p0" "$out/$name.p1") s"
+  local s r p d
+  s=$(cpu_diff "$out/$name.s0" "$out/$name.s1"); r=$(cpu_diff "$out/$name.r0" "$out/$name.r1")
+  p=$(cpu_diff "$out/$name.p0" "$out/$name.p1")
+  # Persisted = answered DELIVERED (both implementations answer it after the insert).
+  d=$(awk '/^messages/ { for (i = 1; i < NF; i++) if ($i == "DELIVERED") print $(i + 1) }' "$out/$name.txt")
+  awk -v s="$s" -v r="$r" -v p="$p" -v d="${d:-0}" 'BEGIN { if (d > 0) printf "%.3f\n", (s + r + p) * 1000 / d }' >"$out/$name.per1k"
+  echo "== $name: servers $s s, redis $r s, postgres $p s: $(cat "$out/$name.per1k") s of CPU per 1,000 persisted messages"
   grep -E "latency|connect ->|send ->|messages|deliveries|generator|server " "$out/$name.txt"
 }
 
@@ -58,3 +64,11 @@ embedded | all)
   kill -TERM "$epid"
   ;;
 esac
+
+# Target 1's figure, from this one run: the reference's CPU per message over ours.
+if [ "${1:-all}" = all ] && [ -s "$out/ref.per1k" ]; then
+  for name in sb embedded; do
+    [ -s "$out/$name.per1k" ] && awk -v n="$name" -v a="$(cat "$out/ref.per1k")" -v b="$(cat "$out/$name.per1k")" \
+      'BEGIN { printf "== %s: %.2fx less CPU per persisted message than node-ref (%.3f against %.3f s per 1,000)\n", n, a / b, b, a }'
+  done
+fi
