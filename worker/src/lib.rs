@@ -22,6 +22,7 @@ use switchboard_shared::backends::Backends;
 use switchboard_shared::bus::{Bus, StreamEntry, Topics};
 use switchboard_shared::config::Settings;
 use switchboard_shared::protocol::{self, CommandEnvelope, Outcome, OutcomeResult};
+use switchboard_shared::store::InsertConnection;
 use tokio_util::sync::CancellationToken;
 
 use leases::Leases;
@@ -54,6 +55,7 @@ impl Worker {
                 store: backends.store.clone(),
                 topics: Topics::new(&settings.redis_prefix),
                 settings: settings.clone(),
+                inserts: InsertConnection::default(),
             },
             leases,
             id,

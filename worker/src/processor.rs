@@ -33,7 +33,7 @@ use switchboard_shared::protocol::{
     MessageReadEvent, MessageView, Outcome, OutcomeResult, ReactionAdded, ReactionRemoved,
     SendMessage, UserView,
 };
-use switchboard_shared::store::{reaction_view, NewMessage, Store};
+use switchboard_shared::store::{reaction_view, InsertConnection, NewMessage, Store};
 use uuid::Uuid;
 
 /// What became of one entry.
@@ -145,6 +145,9 @@ pub struct Processor {
     pub store: Store,
     pub topics: Topics,
     pub settings: Settings,
+    /// The connection this worker keeps for its inserts (batches are
+    /// processed one at a time; `store::InsertConnection` says why).
+    pub inserts: InsertConnection,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -351,7 +354,7 @@ impl Processor {
         let insert_started = std::time::Instant::now();
         let inserted = self
             .store
-            .insert_messages(&new_rows)
+            .insert_messages_kept(&self.inserts, &new_rows)
             .instrument(tracing::debug_span!("insert", rows = new_rows.len()))
             .await;
         metrics::histogram!("worker_insert_duration_seconds")

@@ -3,10 +3,12 @@
 //! in this module so that both backends run the same code.
 
 pub mod entities;
+mod held;
 pub mod migration;
 mod presence;
 mod session;
 
+pub use held::InsertConnection;
 pub use session::SessionChannels;
 
 use std::collections::HashMap;
@@ -578,33 +580,63 @@ impl Store {
         if rows.is_empty() {
             return Ok(());
         }
-        let insert = |chunk: &[NewMessage]| {
-            message::Entity::insert_many(chunk.iter().map(|m| message::ActiveModel {
-                id: Set(m.id),
-                channel_id: Set(m.channel_id),
-                user_id: Set(m.user_id.clone()),
-                content: Set(m.content.clone()),
-                reply_to_id: Set(m.reply_to_id),
-                delivery_status: Set(DeliveryStatus::Delivered.as_str().to_string()),
-                temp_id: Set(m.temp_id.clone()),
-                seq: Set(m.seq),
-                created_at: Set(m.created_at),
-                updated_at: Set(m.created_at),
-            }))
-        };
         // Stay far below both backends' bound-parameter limits. One
         // statement is atomic on its own: a batch that fits one chunk (every
         // batch up to WORKER_BATCH_SIZE 1000) needs no BEGIN/COMMIT, two
         // round trips fewer per batch.
         if rows.len() <= INSERT_CHUNK {
-            insert(rows).exec_without_returning(&self.db).await?;
+            insert_of(rows).exec_without_returning(&self.db).await?;
             return Ok(());
         }
         let txn = self.db.begin().await?;
         for chunk in rows.chunks(INSERT_CHUNK) {
-            insert(chunk).exec_without_returning(&txn).await?;
+            insert_of(chunk).exec_without_returning(&txn).await?;
         }
         txn.commit().await
+    }
+
+    /// [`Self::insert_messages`] on a worker's kept connection, which saves
+    /// PostgreSQL the pool's ping after every statement (see `held`). The
+    /// same statement; SQLite (whose one connection the embedded gateway
+    /// shares), a pool of one connection and batches of several chunks take
+    /// the pool's way.
+    pub async fn insert_messages_kept(
+        &self,
+        kept: &InsertConnection,
+        rows: &[NewMessage],
+    ) -> Result<(), DbErr> {
+        use sea_orm::sqlx;
+        if self.backend() != DatabaseBackend::Postgres
+            || rows.is_empty()
+            || rows.len() > INSERT_CHUNK
+        {
+            return self.insert_messages(rows).await;
+        }
+        let pool = self.db.get_postgres_connection_pool();
+        // The kept connection leaves the pool one short: with a pool of one,
+        // the worker's other queries would wait for it in vain.
+        if pool.options().get_max_connections() < 2 {
+            return self.insert_messages(rows).await;
+        }
+        let exec_err = |e: sqlx::Error| DbErr::Exec(sea_orm::RuntimeErr::SqlxError(e.into()));
+        let mut conn = match kept.take(PING_IF_IDLE_FOR) {
+            Some(conn) => conn,
+            None => pool.acquire().await.map_err(exec_err)?,
+        };
+        let stmt = sea_orm::QueryTrait::build(&insert_of(rows), DatabaseBackend::Postgres);
+        let values = stmt
+            .values
+            .unwrap_or(sea_orm::sea_query::Values(Vec::new()));
+        // On an error `conn` is dropped here: back to the pool, which checks it.
+        sqlx::query_with(
+            sqlx::AssertSqlSafe(stmt.sql.as_str()),
+            sea_query_sqlx::SqlxValues(values),
+        )
+        .execute(&mut *conn)
+        .await
+        .map_err(exec_err)?;
+        kept.put(conn);
+        Ok(())
     }
 
     /// The channel of a message, if the message exists.
@@ -734,6 +766,22 @@ impl Store {
 /// `s` without NUL characters, which PostgreSQL cannot store in text.
 fn strip_nul(s: &str) -> String {
     s.replace('\0', "")
+}
+
+/// The multi-row INSERT of `rows` (both ways of [`Store::insert_messages`]).
+fn insert_of(rows: &[NewMessage]) -> sea_orm::InsertMany<message::ActiveModel> {
+    message::Entity::insert_many(rows.iter().map(|m| message::ActiveModel {
+        id: Set(m.id),
+        channel_id: Set(m.channel_id),
+        user_id: Set(m.user_id.clone()),
+        content: Set(m.content.clone()),
+        reply_to_id: Set(m.reply_to_id),
+        delivery_status: Set(DeliveryStatus::Delivered.as_str().to_string()),
+        temp_id: Set(m.temp_id.clone()),
+        seq: Set(m.seq),
+        created_at: Set(m.created_at),
+        updated_at: Set(m.created_at),
+    }))
 }
 
 /// Whether a database error is about the data of the statement rather than
@@ -996,6 +1044,99 @@ mod upsert_tests {
     }
 }
 
+#[cfg(test)]
+mod kept_connection_tests {
+    use super::*;
+
+    fn row(channel: Uuid, seq: i64) -> NewMessage {
+        NewMessage {
+            id: Uuid::now_v7(),
+            channel_id: channel,
+            user_id: "u".into(),
+            content: format!("m{seq}"),
+            reply_to_id: None,
+            temp_id: Some(format!("t{seq}")),
+            seq,
+            created_at: Utc::now(),
+        }
+    }
+
+    /// Stored rows of `channel` as (seq, content).
+    async fn stored(store: &Store, channel: Uuid) -> Vec<(i64, String)> {
+        message::Entity::find()
+            .filter(message::Column::ChannelId.eq(channel))
+            .order_by_asc(message::Column::Seq)
+            .all(&store.db)
+            .await
+            .expect("read")
+            .into_iter()
+            .map(|m| (m.seq, m.content))
+            .collect()
+    }
+
+    /// The kept connection stores what the pool's way stores, keeps
+    /// serving after a refused statement (the seq fence), and a refused
+    /// batch stores nothing.
+    async fn inserts_like_the_pool(store: Store, keeps: bool) {
+        store.upsert_user("u", "U", None).await.expect("user");
+        let channel = Uuid::parse_str(
+            &store
+                .create_channel("c", false, "u")
+                .await
+                .expect("channel")
+                .id,
+        )
+        .expect("uuid");
+        let kept = InsertConnection::default();
+        store
+            .insert_messages_kept(&kept, &[row(channel, 1), row(channel, 2)])
+            .await
+            .expect("first batch");
+        assert_eq!(kept.holds(), keeps);
+        store
+            .insert_messages_kept(&kept, &[row(channel, 3)])
+            .await
+            .expect("second batch, same connection");
+        let clash = store
+            .insert_messages_kept(&kept, &[row(channel, 4), row(channel, 3)])
+            .await
+            .expect_err("seq 3 is taken");
+        assert!(
+            !is_permanent(&clash),
+            "the seq fence is transient: {clash:?}"
+        );
+        store
+            .insert_messages_kept(&kept, &[row(channel, 4)])
+            .await
+            .expect("after a refusal");
+        store
+            .insert_messages(&[row(channel, 5)])
+            .await
+            .expect("the pool's way");
+        let seqs: Vec<i64> = stored(&store, channel)
+            .await
+            .into_iter()
+            .map(|(s, _)| s)
+            .collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+    }
+
+    /// Two connections, as a worker's pool has at least: one kept, one for
+    /// the pool's way. (A pool of one takes the pool's way throughout.)
+    #[tokio::test]
+    async fn kept_connection_inserts_like_the_pool() {
+        test_support::each_backend_with_pool(2, |store, backend| {
+            inserts_like_the_pool(store, matches!(backend, test_support::Backend::Postgres))
+        })
+        .await;
+    }
+
+    #[tokio::test]
+    async fn a_pool_of_one_is_never_kept() {
+        test_support::each_backend(|store, _| inserts_like_the_pool(store, false)).await;
+    }
+}
+
 /// Stores for the tests of this module's queries: one per backend.
 #[cfg(test)]
 pub(crate) mod test_support {
@@ -1011,6 +1152,15 @@ pub(crate) mod test_support {
     /// store of its own temporary database (`TEST_PG_ADMIN_URL`, default
     /// the local `postgres` database), dropped afterwards.
     pub async fn each_backend<F, Fut>(test: F)
+    where
+        F: Fn(Store, Backend) -> Fut,
+        Fut: std::future::Future<Output = ()>,
+    {
+        each_backend_with_pool(1, test).await
+    }
+
+    /// [`each_backend`] with a PostgreSQL pool of `pool` connections.
+    pub async fn each_backend_with_pool<F, Fut>(pool: u32, test: F)
     where
         F: Fn(Store, Backend) -> Fut,
         Fut: std::future::Future<Output = ()>,
@@ -1032,7 +1182,7 @@ pub(crate) mod test_support {
             Some((base, _)) => format!("{base}/{name}"),
             None => panic!("TEST_PG_ADMIN_URL has no database part"),
         };
-        let store = Store::connect(&url, 1).await.expect("connect");
+        let store = Store::connect(&url, pool).await.expect("connect");
         store.migrate().await.expect("migrate");
         test(store, Backend::Postgres).await;
         let _ = admin_store
