@@ -488,6 +488,8 @@ impl Settings {
             self.worker_batch_size > 0,
             "WORKER_BATCH_SIZE must be at least 1"
         );
+        // Without a connection every query would wait for one in vain.
+        anyhow::ensure!(self.db_pool_size > 0, "DB_POOL_SIZE must be at least 1");
         anyhow::ensure!(
             self.lease_ttl_ms >= 300,
             "LEASE_TTL_MS must be at least 300"
@@ -745,6 +747,7 @@ mod tests {
         assert_eq!((s.ws_read_buffer_bytes, s.worker_linger_ms), (2048, 5));
         assert!(Settings::from_vars(vars(&[("WS_READ_BUFFER_BYTES", "255")])).is_err());
         assert!(Settings::from_vars(vars(&[("WORKER_LINGER_MS", "1001")])).is_err());
+        assert!(Settings::from_vars(vars(&[("DB_POOL_SIZE", "0")])).is_err());
         let s = Settings::from_vars(vars(&[("WORKER_LINGER_MS", "0")])).expect("0 is off");
         assert_eq!(s.worker_linger_ms, 0);
     }
