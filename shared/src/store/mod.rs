@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::OnConflict;
+use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
 use sea_orm::{
     ActiveValue::Set, ColumnTrait, ConnectOptions, ConnectionTrait, Database, DatabaseBackend,
     DatabaseConnection, DbErr, EntityTrait, FromQueryResult, QueryFilter, QueryOrder, QuerySelect,
@@ -115,6 +116,16 @@ pub struct Store {
 impl Store {
     /// Connects to `url` (`postgres://…` or `sqlite://…`).
     pub async fn connect(url: &str, pool: u32) -> Result<Self, DbErr> {
+        Self::connect_with(Self::options(url, pool)).await
+    }
+
+    async fn connect_with(opts: ConnectOptions) -> Result<Self, DbErr> {
+        Ok(Self {
+            db: Database::connect(opts).await?,
+        })
+    }
+
+    fn options(url: &str, pool: u32) -> ConnectOptions {
         let mut opts = ConnectOptions::new(url.to_string());
         opts.max_connections(pool)
             .min_connections(1)
@@ -122,9 +133,7 @@ impl Store {
             .acquire_timeout(Duration::from_secs(5))
             .test_before_acquire_if_idle_for(PING_IF_IDLE_FOR)
             .sqlx_logging(false);
-        Ok(Self {
-            db: Database::connect(opts).await?,
-        })
+        opts
     }
 
     /// Opens (creating it if needed) the SQLite file of the embedded mode.
@@ -132,15 +141,21 @@ impl Store {
         std::fs::create_dir_all(data_dir)?;
         let path = data_dir.join("switchboard.sqlite3");
         let url = format!("sqlite://{}?mode=rwc", path.display());
-        let store = Self::connect(&url, 1).await?;
-        // WAL lets history reads run beside the worker's writes.
-        store
-            .db
-            .execute_unprepared(
-                "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL; PRAGMA foreign_keys=ON;",
-            )
-            .await?;
-        Ok(store)
+        let mut opts = Self::options(&url, 1);
+        // Set on every connection the pool opens, not once: `synchronous`
+        // belongs to a connection, and the pool replaces its connection
+        // (after `max_lifetime`, 30 minutes, or an error). A pragma run once
+        // left the replacement with SQLite's `FULL`, a `fsync` per commit.
+        // WAL lets history reads run beside the worker's writes; `NORMAL`
+        // in WAL mode syncs at checkpoints, so a power cut may lose the last
+        // commits but never corrupts the file (a process crash loses
+        // nothing).
+        opts.map_sqlx_sqlite_opts(|o| {
+            o.journal_mode(SqliteJournalMode::Wal)
+                .synchronous(SqliteSynchronous::Normal)
+                .foreign_keys(true)
+        });
+        Ok(Self::connect_with(opts).await?)
     }
 
     pub fn backend(&self) -> DatabaseBackend {
@@ -957,6 +972,51 @@ mod classifier_tests {
             .await
             .expect_err("primary key");
         assert!(!is_permanent(&dup), "a unique violation is a race: {dup:?}");
+    }
+
+    /// The embedded store's settings are the connection's, so they must
+    /// hold on the connection that replaces the first one (the pool
+    /// replaces it after `max_lifetime` or an error).
+    #[tokio::test]
+    async fn embedded_settings_hold_on_a_replaced_connection() {
+        let dir = std::env::temp_dir().join(format!("sb-embedded-{}", Uuid::now_v7().simple()));
+        let store = Store::open_embedded(&dir).await.expect("open");
+        let pragma = |name: &'static str| {
+            let db = store.db.clone();
+            async move {
+                let row = db
+                    .query_one_raw(Statement::from_string(
+                        DatabaseBackend::Sqlite,
+                        format!("PRAGMA {name}"),
+                    ))
+                    .await
+                    .expect("pragma")
+                    .expect("a row");
+                row.try_get_by_index::<String>(0)
+                    .or_else(|_| row.try_get_by_index::<i64>(0).map(|v| v.to_string()))
+                    .expect("a value")
+            }
+        };
+        let settings = || async {
+            (
+                pragma("journal_mode").await,
+                pragma("synchronous").await,
+                pragma("foreign_keys").await,
+            )
+        };
+        let wanted = ("wal".to_string(), "1".to_string(), "1".to_string());
+        assert_eq!(settings().await, wanted, "first connection");
+        // Close the pool's only connection: the next query opens another.
+        let pool = store.db.get_sqlite_connection_pool();
+        pool.acquire()
+            .await
+            .expect("acquire")
+            .close()
+            .await
+            .expect("close");
+        assert_eq!(settings().await, wanted, "replacement connection");
+        drop(store);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[tokio::test]
