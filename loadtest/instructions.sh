@@ -21,6 +21,9 @@
 # Env: COUNT (instructions), N, RATE, DUR, REDIS_PORT (6390), WORK (/tmp/switchboard-side-by-side), BIN (target/release),
 # and any gateway setting. Needs valgrind, target/release binaries, local PostgreSQL (postgres, trust).
 # Takes about a minute; the same binaries give the same figure within ~2 % run to run.
+# Compare builds with it, not its split against perf's: callgrind counts each byte a large
+# `memcpy` moves (`rep movsb`) as an instruction, so copies weigh several times their cycles
+# (BENCHMARKS.md, "Issue 9, seventh pass").
 set -uo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 work=${WORK:-/tmp/switchboard-side-by-side}
