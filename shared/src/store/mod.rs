@@ -974,6 +974,46 @@ mod classifier_tests {
         assert!(!is_permanent(&dup), "a unique violation is a race: {dup:?}");
     }
 
+    #[tokio::test]
+    async fn postgres_refuses_nul_permanently_and_an_outage_is_transient() {
+        let url = std::env::var("TEST_PG_ADMIN_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
+        let store = Store::connect(&url, 1).await.expect("postgres");
+        let nul = store
+            .db
+            .query_one_raw(Statement::from_sql_and_values(
+                DatabaseBackend::Postgres,
+                "SELECT $1::text AS t",
+                ["a\0b".into()],
+            ))
+            .await
+            .expect_err("PostgreSQL refuses NUL in text");
+        assert!(is_permanent(&nul), "{nul:?}");
+        let ok = store
+            .db
+            .query_one_raw(Statement::from_string(
+                DatabaseBackend::Postgres,
+                "SELECT 1 AS one",
+            ))
+            .await;
+        assert!(ok.is_ok());
+        let refused = Store::connect("postgres://postgres@127.0.0.1:1/none", 1)
+            .await
+            .err()
+            .expect("nothing listens on port 1");
+        assert!(!is_permanent(&refused), "{refused:?}");
+    }
+
+    #[test]
+    fn nul_is_stripped_from_display_claims() {
+        assert_eq!(strip_nul("a\0b\0"), "ab");
+    }
+}
+
+#[cfg(test)]
+mod embedded_tests {
+    use super::*;
+
     /// The embedded store's settings are the connection's, so they must
     /// hold on the connection that replaces the first one (the pool
     /// replaces it after `max_lifetime` or an error).
@@ -1017,41 +1057,6 @@ mod classifier_tests {
         assert_eq!(settings().await, wanted, "replacement connection");
         drop(store);
         let _ = std::fs::remove_dir_all(&dir);
-    }
-
-    #[tokio::test]
-    async fn postgres_refuses_nul_permanently_and_an_outage_is_transient() {
-        let url = std::env::var("TEST_PG_ADMIN_URL")
-            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into());
-        let store = Store::connect(&url, 1).await.expect("postgres");
-        let nul = store
-            .db
-            .query_one_raw(Statement::from_sql_and_values(
-                DatabaseBackend::Postgres,
-                "SELECT $1::text AS t",
-                ["a\0b".into()],
-            ))
-            .await
-            .expect_err("PostgreSQL refuses NUL in text");
-        assert!(is_permanent(&nul), "{nul:?}");
-        let ok = store
-            .db
-            .query_one_raw(Statement::from_string(
-                DatabaseBackend::Postgres,
-                "SELECT 1 AS one",
-            ))
-            .await;
-        assert!(ok.is_ok());
-        let refused = Store::connect("postgres://postgres@127.0.0.1:1/none", 1)
-            .await
-            .err()
-            .expect("nothing listens on port 1");
-        assert!(!is_permanent(&refused), "{refused:?}");
-    }
-
-    #[test]
-    fn nul_is_stripped_from_display_claims() {
-        assert_eq!(strip_nul("a\0b\0"), "ab");
     }
 }
 
