@@ -10,8 +10,8 @@
 //! 2. **Persist** the new messages with one multi-row insert, numbered per
 //!    channel. A redelivered entry whose row already exists is not inserted
 //!    again: the stored row is fanned out instead.
-//! 3. **Fan out** `message:created` on the channel topics and the outcomes on
-//!    the senders' node topics, in one ordered publish.
+//! 3. **Fan out** the outcomes on the senders' node topics and
+//!    `message:created` on the channel topics, in one ordered publish.
 //! 4. **Settle dedupe keys**: `d:<id>` for a `tempId` key (kept `DEDUPE_TTL`),
 //!    delete a content key.
 //! 5. **Acknowledge** the entries. Nothing is acknowledged before it is
@@ -426,15 +426,22 @@ impl Processor {
         }
         // The commands' redelivery markers are done with once published.
         settle_del.extend(command_keys);
+        // The outcomes go first. A gateway's dispatcher handles its topics in
+        // arrival order, and emitting a channel event wakes one writer per
+        // member socket: published after the event, a sender's `DELIVERED`
+        // would queue behind its whole room (tens of milliseconds in a room
+        // of thousands). Nothing can overtake the event in return: on a
+        // single Redis the whole batch end is one script, so the event is
+        // published before the sender can react to its outcome.
         let mut publish: Vec<(String, Bytes)> =
             Vec::with_capacity(channel_events.len() + node_outcomes.len());
-        for (channel, events) in &channel_events {
-            let bytes = protocol::encode(events).map_err(|e| transient(&e))?;
-            publish.push((self.topics.channel(channel), Bytes::from(bytes)));
-        }
         for (node, outcomes) in &node_outcomes {
             let bytes = protocol::encode(outcomes).map_err(|e| transient(&e))?;
             publish.push((self.topics.node(node), Bytes::from(bytes)));
+        }
+        for (channel, events) in &channel_events {
+            let bytes = protocol::encode(events).map_err(|e| transient(&e))?;
+            publish.push((self.topics.channel(channel), Bytes::from(bytes)));
         }
         // 4. Settle dedupe keys and 5. acknowledge: with the publish, one
         //    round trip (one script on Redis), in that order.
