@@ -11,8 +11,13 @@
 #                               on one gateway (BROWSER=1: with a browser's headers and cookies)
 #   loadtest/limits.sh idle     CPU of one gateway and of Redis over 30 s with 8,000 idle HS256
 #                               connections (the presence heartbeat, Engine.IO pings, sweeps)
+#   loadtest/limits.sh max      target 4: the largest persisted rate of 2 gw + 2 wk, closed loop (200
+#                               senders of 1,000 sockets in 100 channels, 8 messages outstanding
+#                               each), independent generator; with RATE=<msg/s>, the same sockets
+#                               open loop at that rate (the p99 half of the target: RATE=10000)
 #
-# Env: N (sockets: storm 10000, memory 8000), RATE (fanout msg/s, 10), DUR (fanout seconds, 20),
+# Env: N (sockets: storm 10000, memory 8000), RATE (fanout msg/s, 10; max: open loop), DUR (fanout
+# seconds, 20; max 10),
 # REDIS_PORT (private redis-server, 6390), WORK (/tmp/switchboard-side-by-side, shared with
 # side-by-side.sh), and any gateway setting (passed through to scripts/dev-cluster).
 # Needs: target/release binaries, node/npm, local PostgreSQL (postgres, trust).
@@ -72,6 +77,15 @@ fanout)
     --connect-concurrency 100 --server-pids "$(paste -sd, "$root/run/pids")" 2>&1) | grep -v '^{'
   stop_cluster
   ;;
+max)
+  # Per-user message limits off: 200 senders each keep 8 messages in flight.
+  RATE_MESSAGES_PER_S=0 cluster sbmax
+  if [ -n "${RATE:-}" ]; then load=(--rate "$RATE"); else load=(--senders 200 --closed --window 8); fi
+  (cd "$LOAD" && node src/cli.js --keys "$keys" --targets http://127.0.0.1:3002,http://127.0.0.1:3003 \
+    --connections 1000 --channels 100 "${load[@]}" --duration "${DUR:-10}" \
+    --server-pids "$(paste -sd, "$root/run/pids")" 2>&1) | grep -v '^{'
+  stop_cluster
+  ;;
 memory)
   one_gateway sbmem
   "$root/target/release/switchboard-loadtest" connect --targets http://127.0.0.1:3012 --secret benchsecret \
@@ -93,5 +107,5 @@ idle)
   redis-cli -p "$R" INFO commandstats | tr -d '\r' | grep -E "^cmdstat_evalsha:" | cut -d, -f1
   kill "$load" 2>/dev/null; kill -TERM "$gw"
   ;;
-*) echo "usage: loadtest/limits.sh storm|fanout|memory|idle" >&2; exit 2 ;;
+*) echo "usage: loadtest/limits.sh storm|fanout|memory|idle|max" >&2; exit 2 ;;
 esac
