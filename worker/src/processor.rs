@@ -430,9 +430,10 @@ impl Processor {
         // arrival order, and emitting a channel event wakes one writer per
         // member socket: published after the event, a sender's `DELIVERED`
         // would queue behind its whole room (tens of milliseconds in a room
-        // of thousands). Nothing can overtake the event in return: on a
-        // single Redis the whole batch end is one script, so the event is
-        // published before the sender can react to its outcome.
+        // of thousands). Nothing can overtake the event in return: the batch
+        // end publishes both before anything else (one script on a single
+        // Redis, one call under one lock in the embedded bus), so the event
+        // is out before the sender can act on its outcome.
         let mut publish: Vec<(String, Bytes)> =
             Vec::with_capacity(channel_events.len() + node_outcomes.len());
         for (node, outcomes) in &node_outcomes {
