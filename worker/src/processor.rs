@@ -432,8 +432,9 @@ impl Processor {
         // would queue behind its whole room (tens of milliseconds in a room
         // of thousands). Nothing can overtake the event in return: the batch
         // end publishes both before anything else (one script on a single
-        // Redis, one call under one lock in the embedded bus), so the event
-        // is out before the sender can act on its outcome.
+        // Redis, one call under one lock in the embedded bus; on a cluster
+        // one awaited pipeline before the partition's next batch), so the
+        // event is out before the sender can act on its outcome.
         let mut publish: Vec<(String, Bytes)> =
             Vec::with_capacity(channel_events.len() + node_outcomes.len());
         for (node, outcomes) in &node_outcomes {
