@@ -97,11 +97,18 @@ impl RedisBus {
                 c.internal_command_timeout = Duration::from_secs(5);
             })
             .with_performance_config(|p| {
-                p.broadcast_channel_capacity = INCOMING_CAPACITY;
                 p.default_command_timeout = Duration::from_secs(10);
             });
+        // fred gives every client eight notification channels of
+        // `broadcast_channel_capacity` slots each, allocated up front. Only
+        // the subscriber's pub/sub channel needs room for a burst; the
+        // command and read clients (and each per-partition read connection
+        // cloned from the reader on a cluster) keep fred's default.
         let cmd = builder.build()?;
         let reader = builder.build()?;
+        builder.with_performance_config(|p| {
+            p.broadcast_channel_capacity = INCOMING_CAPACITY;
+        });
         let subscriber = builder.build_subscriber_client()?;
         cmd.init().await?;
         reader.init().await?;
