@@ -20,6 +20,27 @@ mod probes;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Turns transparent huge pages off for this process, unless
+/// `MIMALLOC_ALLOW_THP` is set (then mimalloc's own option decides).
+///
+/// mimalloc maps its arenas 2 MiB-aligned, so on a host whose THP setting is
+/// `always` (RHEL's default, and this project's test machines) every arena
+/// page the worker touches brings a whole 2 MiB huge page in: an idle worker
+/// held 36 MB instead of 15, one after a saturating run 68–70 MB instead of
+/// 34–36, at the same throughput (BENCHMARKS.md, "Issue 9, ninth pass").
+/// `MIMALLOC_ALLOW_THP=0` does the same, but mimalloc reads it when it
+/// initialises, before `main`: the process sets the flag itself instead. The
+/// few pages faulted before that keep their size; every later fault gets
+/// normal pages.
+fn no_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if std::env::var_os("MIMALLOC_ALLOW_THP").is_none() {
+        if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+            eprintln!("switchboard-worker: could not turn transparent huge pages off: {e}");
+        }
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "switchboard-worker",
@@ -44,6 +65,7 @@ enum Cmd {
 /// (context switches were the top of its profile) without parallelism to gain.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
+    no_transparent_huge_pages();
     switchboard_shared::telemetry::init_tracing("switchboard-worker");
     let cli = Cli::parse();
     let settings = Settings::from_env()?;
