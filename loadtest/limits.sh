@@ -11,6 +11,8 @@
 #                               on one gateway (BROWSER=1: with a browser's headers and cookies)
 #   loadtest/limits.sh idle     CPU of one gateway and of Redis over 30 s with 8,000 idle HS256
 #                               connections (the presence heartbeat, Engine.IO pings, sweeps)
+#   loadtest/limits.sh footprint  RSS of each process of 2 gw + 2 wk, idle and after the closed loop
+#                               of `max` (REDIS_CLUSTER=1: on a local Redis Cluster)
 #   loadtest/limits.sh max      target 4: the largest persisted rate of 2 gw + 2 wk, closed loop (200
 #                               senders of 1,000 sockets in 100 channels, 8 messages outstanding
 #                               each), independent generator; with RATE=<msg/s>, the same sockets
@@ -107,5 +109,23 @@ idle)
   redis-cli -p "$R" INFO commandstats | tr -d '\r' | grep -E "^cmdstat_evalsha:" | cut -d, -f1
   kill "$load" 2>/dev/null; kill -TERM "$gw"
   ;;
-*) echo "usage: loadtest/limits.sh storm|fanout|memory|idle|max" >&2; exit 2 ;;
+footprint)
+  # What each process of 2 gw + 2 wk holds: idle 5 s after the start, then after the closed loop of
+  # `max` (REDIS_CLUSTER=1: on a local Redis Cluster of scripts/redis-cluster).
+  [ -n "${REDIS_CLUSTER:-}" ] && RURL=$("$root/scripts/redis-cluster" start)
+  RATE_MESSAGES_PER_S=0 cluster sbfoot
+  rss_of() {
+    for p in $(cat "$root/run/pids"); do
+      echo "  $(basename "$(readlink "/proc/$p/exe")" | cut -d' ' -f1): RSS $(awk '/^Rss:/ { print $2 }' "/proc/$p/smaps_rollup") KB," \
+        "anonymous $(awk '/^Anonymous:/ { print $2 }' "/proc/$p/smaps_rollup") KB (huge pages $(awk '/^AnonHugePages:/ { print $2 }' "/proc/$p/smaps_rollup") KB)"
+    done
+  }
+  sleep 5
+  echo "idle:"; rss_of
+  (cd "$LOAD" && node src/cli.js --keys "$keys" --targets http://127.0.0.1:3002,http://127.0.0.1:3003 \
+    --connections 1000 --channels 100 --senders 200 --closed --window 8 --duration "${DUR:-10}" 2>&1) | grep -E "^messages"
+  echo "after the closed loop:"; rss_of
+  stop_cluster
+  ;;
+*) echo "usage: loadtest/limits.sh storm|fanout|memory|idle|max|footprint" >&2; exit 2 ;;
 esac
