@@ -436,3 +436,48 @@ async fn a_full_stream_refuses_at_once_and_keeps_what_it_accepted() {
     }
     assert_eq!(cluster.history("fay", &ch).await.len(), 3);
 }
+
+/// The worker's `THP_enabled` flag (`/proc/<pid>/status`) once it runs.
+async fn worker_thp(cluster: &mut Cluster) -> String {
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let w = &mut cluster.workers[0];
+    while !w.log_tail().contains("worker started") {
+        assert!(!w.exited(), "the worker exited: {}", w.log_tail());
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker never started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let status = std::fs::read_to_string(format!("/proc/{}/status", w.pid())).expect("status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("THP_enabled:"))
+        .map(|v| v.trim().to_string())
+        .expect("THP_enabled line")
+}
+
+/// An operator's worker does not hold mimalloc's arenas in transparent huge
+/// pages (they doubled its memory on a THP `always` host, worker/src/main.rs),
+/// unless `MIMALLOC_ALLOW_THP` says otherwise.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_worker_runs_without_transparent_huge_pages_unless_told() {
+    let own = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    if !own.contains("THP_enabled:") || std::env::var_os("MIMALLOC_ALLOW_THP").is_some() {
+        eprintln!(
+            "skipped: no THP_enabled in /proc (Linux < 5.0), or MIMALLOC_ALLOW_THP is set here"
+        );
+        return;
+    }
+    let one_worker = |env: Vec<(String, String)>| ClusterOptions {
+        gateways: 0,
+        workers: 1,
+        env,
+        ..Default::default()
+    };
+    let mut default = Cluster::start(one_worker(Vec::new())).await;
+    assert_eq!(worker_thp(&mut default).await, "0");
+    let mut kept =
+        Cluster::start(one_worker(vec![("MIMALLOC_ALLOW_THP".into(), "1".into())])).await;
+    assert_eq!(worker_thp(&mut kept).await, "1");
+}
