@@ -26,8 +26,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// mimalloc maps its arenas 2 MiB-aligned, so on a host whose THP setting is
 /// `always` (RHEL's default, and this project's test machines) every arena
 /// page the worker touches brings a whole 2 MiB huge page in: an idle worker
-/// held 36 MB instead of 15, one after a saturating run 68–70 MB instead of
-/// 34–36, at the same throughput (BENCHMARKS.md, "Issue 9, ninth pass").
+/// held 36 MB instead of 20, one after a saturating run 57–70 MB instead of
+/// 33–43, at the same throughput (BENCHMARKS.md, "Issue 9, ninth pass").
 /// `MIMALLOC_ALLOW_THP=0` does the same, but mimalloc reads it when it
 /// initialises, before `main`: the process sets the flag itself instead. The
 /// few pages faulted before that keep their size; every later fault gets
