@@ -42,6 +42,12 @@ cluster() { # db: 2 gateways + 2 workers on 3002/3003, the generator's PEM, set-
     || { cat "$work/$1-start.txt"; exit 1; }
 }
 stop_cluster() { (cd "$root" && scripts/dev-cluster stop >/dev/null 2>&1); }
+chat_load() { # the generator's chat load on the cluster's 1,000 sockets in 100 channels; args: its mode
+  (cd "$LOAD" && node src/cli.js --keys "$keys" --targets http://127.0.0.1:3002,http://127.0.0.1:3003 \
+    --connections 1000 --channels 100 "$@" --duration "${DUR:-10}" \
+    --server-pids "$(paste -sd, "$root/run/pids")" 2>&1) | grep -v '^{'
+}
+closed_loop=(--senders 200 --closed --window 8)   # target 4: 200 senders, 8 messages in flight each
 one_gateway() { # db: one HS256 gateway on 3012 (its workers are not needed: nothing is sent); sets $gw
   fresh_db "$1"; psql -qAt "$PG/postgres" -c "CREATE DATABASE $1" >/dev/null
   (cd "$root" && DATABASE_URL=$PG/$1 REDIS_URL=$RURL target/release/switchboard-worker migrate >/dev/null 2>&1)
@@ -82,10 +88,7 @@ fanout)
 max)
   # Per-user message limits off: 200 senders each keep 8 messages in flight.
   RATE_MESSAGES_PER_S=0 cluster sbmax
-  if [ -n "${RATE:-}" ]; then load=(--rate "$RATE"); else load=(--senders 200 --closed --window 8); fi
-  (cd "$LOAD" && node src/cli.js --keys "$keys" --targets http://127.0.0.1:3002,http://127.0.0.1:3003 \
-    --connections 1000 --channels 100 "${load[@]}" --duration "${DUR:-10}" \
-    --server-pids "$(paste -sd, "$root/run/pids")" 2>&1) | grep -v '^{'
+  if [ -n "${RATE:-}" ]; then chat_load --rate "$RATE"; else chat_load "${closed_loop[@]}"; fi
   stop_cluster
   ;;
 memory)
@@ -116,14 +119,15 @@ footprint)
   RATE_MESSAGES_PER_S=0 cluster sbfoot
   rss_of() {
     for p in $(cat "$root/run/pids"); do
-      echo "  $(basename "$(readlink "/proc/$p/exe")" | cut -d' ' -f1): RSS $(awk '/^Rss:/ { print $2 }' "/proc/$p/smaps_rollup") KB," \
-        "anonymous $(awk '/^Anonymous:/ { print $2 }' "/proc/$p/smaps_rollup") KB (huge pages $(awk '/^AnonHugePages:/ { print $2 }' "/proc/$p/smaps_rollup") KB)"
+      awk -v name="$(basename "$(readlink "/proc/$p/exe")" | cut -d' ' -f1)" '
+        { kb[$1] = $2 }
+        END { printf "  %s: RSS %s KB, anonymous %s KB (huge pages %s KB)\n", name, kb["Rss:"], kb["Anonymous:"], kb["AnonHugePages:"] }
+      ' "/proc/$p/smaps_rollup"
     done
   }
   sleep 5
   echo "idle:"; rss_of
-  (cd "$LOAD" && node src/cli.js --keys "$keys" --targets http://127.0.0.1:3002,http://127.0.0.1:3003 \
-    --connections 1000 --channels 100 --senders 200 --closed --window 8 --duration "${DUR:-10}" 2>&1) | grep -E "^messages"
+  chat_load "${closed_loop[@]}" | grep -E "^messages"
   echo "after the closed loop:"; rss_of
   stop_cluster
   ;;
